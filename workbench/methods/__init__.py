@@ -1,0 +1,76 @@
+"""Personalization methods: small classes behind a registry. The runner knows only the protocol.
+
+A method is a frozen dataclass whose fields are its options in the preset. `attach(pipe, study)`
+loads it into a pipeline and returns an Attachment; `call_kwargs(weights)` gives the pipeline
+arguments for a batch (one weight per sample); `release()` leaves the pipeline as it was found.
+Use it through `attached(...)`, which releases even when a batch fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator, Protocol
+
+METHODS: dict[str, type] = {}
+
+
+class Attachment(Protocol):
+    def call_kwargs(self, weights: list[float]) -> dict[str, Any]: ...
+    def release(self) -> None: ...
+
+
+class Method(Protocol):
+    kind: ClassVar[str]
+    default_weights: ClassVar[tuple[float, ...] | None]  # None: the preset must list weights
+    uses_references: ClassVar[bool]
+    per_sample_weights: ClassVar[bool]  # can one batch mix weights?
+
+    def render_prompt(self, template: str, subject) -> str: ...
+    def options(self) -> dict: ...
+    def identity(self) -> dict: ...
+    def attach(self, pipe, study) -> Attachment: ...
+
+
+def register_method(kind: str):
+    def decorate(cls):
+        cls.kind = kind
+        METHODS[kind] = cls
+        return cls
+
+    return decorate
+
+
+def build_method(kind: str, options: dict, *, base: str, base_dir, fail: Callable[[str], Exception]):
+    """Make a method from its preset options; unknown kinds and options fail with the known ones."""
+    if kind not in METHODS:
+        raise fail(f"unknown method kind {kind!r} (known: {', '.join(sorted(METHODS))})")
+    cls = METHODS[kind]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(options) - known
+    if unknown:
+        raise fail(f"unknown option {sorted(unknown)[0]!r} for {kind} (known: {', '.join(sorted(known)) or 'none'})")
+    return cls.from_options(options, base=base, base_dir=base_dir, fail=fail)
+
+
+@contextmanager
+def attached(method, pipe, study) -> Iterator[Attachment]:
+    """Load `method` into `pipe` for the block; unload it in `finally`, even if a batch raised."""
+    attachment = method.attach(pipe, study)
+    try:
+        yield attachment
+    finally:
+        attachment.release()
+
+
+class NoState:
+    """The attachment of a method that leaves nothing on the pipeline."""
+
+    def call_kwargs(self, weights):
+        return {}
+
+    def release(self):
+        pass
+
+
+from . import baseline, dreambooth, ip_adapter, lora, textual_inversion  # noqa: E402,F401  (register)

@@ -1,0 +1,195 @@
+"""Image and text encoders the metrics share: loaded once, each image embedded once per backbone.
+
+Every embedding a backbone returns is L2-normalised, so the cosine of two rows is their dot product.
+`pretrained="tiny"` (CLIP) and `model_id="tiny"` (DINO) build a tiny random-weight model from a
+config, save it under the workbench cache and load it back through the very call that loads the real
+weights, so tests run the real loading and preprocessing code offline.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from PIL import Image
+
+from ..tiny import _build_once
+
+TINY = "tiny"
+
+# A ViT-B-32-shaped CLIP shrunk to width 32. The vocabulary and context length stay real so the
+# BPE tokenizer open_clip ships with works unchanged.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+TINY_DINO_CONFIG = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=224, patch_size=16
+)
+TINY_SEED = 0
+
+# DreamBooth's DINO metric: shorter side to 256 (bicubic), centre crop 224, ImageNet statistics.
+DINO_RESIZE = 256
+DINO_CROP = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageBackbone(Protocol):
+    description: str  # what produced the numbers, shown as provenance ("open_clip ViT-B-32 openai")
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor: ...
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _embed_in_batches(encode, preprocess, images, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Stack `preprocess(image)` batch by batch, encode, L2-normalise; float32 rows on `device`."""
+    rows = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([preprocess(_rgb(image)) for image in images[start : start + batch_size]])
+            rows.append(encode(batch.to(device)).float())
+    if not rows:
+        raise ValueError("embed_images: got no images")
+    return torch.nn.functional.normalize(torch.cat(rows), dim=-1)
+
+
+def _write_tiny_clip(folder: Path) -> None:
+    import open_clip
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):  # a fixed seed without moving the caller's RNG
+        torch.manual_seed(TINY_SEED)
+        model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+
+
+def tiny_clip_dir() -> Path:
+    """Folder of the tiny CLIP (open_clip `local-dir:` layout), built on first use and reused after."""
+    return _build_once("tiny-clip", _write_tiny_clip)
+
+
+def _write_tiny_dino(folder: Path) -> None:
+    from transformers import ViTConfig, ViTModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = ViTModel(ViTConfig(**TINY_DINO_CONFIG), add_pooling_layer=False)
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def tiny_dino_dir() -> Path:
+    """Folder of the tiny DINO ViT (transformers layout), built on first use and reused after."""
+    return _build_once("tiny-dino", _write_tiny_dino)
+
+
+class ClipBackbone:
+    """open_clip model: images and texts into one space; rows are L2-normalised, D = embed_dim."""
+
+    def __init__(self, name: str = "ViT-B-32", pretrained: str = "openai", device: str | torch.device = "cpu"):
+        import open_clip
+
+        self.device = torch.device(device)
+        if pretrained == TINY:
+            # open_clip's local-dir schema reads config and weights from one folder, so the tiny
+            # model needs no entry in open_clip's global config registry.
+            source, weights = f"local-dir:{tiny_clip_dir()}", None
+            self.description = "open_clip tiny random-weight CLIP (tiny-clip-v1)"
+        else:
+            source, weights = name, pretrained
+            self.description = f"open_clip {name} {pretrained}"
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            source, pretrained=weights, device=self.device
+        )
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(source)
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
+        """[N, D] unit-norm image embeddings, in input order."""
+        return _embed_in_batches(self.model.encode_image, self.preprocess, list(images), batch_size, self.device)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """[N, D] unit-norm text embeddings, in input order (texts past 77 tokens are truncated)."""
+        texts = list(texts)
+        if not texts:
+            raise ValueError("embed_texts: got no texts")
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(texts[start : start + batch_size]).to(self.device)
+                rows.append(self.model.encode_text(tokens).float())
+        return torch.nn.functional.normalize(torch.cat(rows), dim=-1)
+
+
+def dino_preprocess():
+    """The DreamBooth DINO transform: PIL RGB image -> [3, 224, 224] ImageNet-normalised tensor."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(DINO_RESIZE, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(DINO_CROP),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class DinoBackbone:
+    """Self-supervised ViT (DINO): the CLS token of the last layer; rows are L2-normalised."""
+
+    def __init__(self, model_id: str = "facebook/dino-vits16", device: str | torch.device = "cpu"):
+        from transformers import ViTModel
+
+        self.device = torch.device(device)
+        source = tiny_dino_dir() if model_id == TINY else model_id
+        self.description = "transformers tiny random-weight ViT (tiny-dino-v1)" if model_id == TINY else (
+            f"transformers {model_id}"
+        )
+        # The DINO checkpoints carry no pooler; the CLS token is read from last_hidden_state.
+        self.model = ViTModel.from_pretrained(source, add_pooling_layer=False).to(self.device).eval()
+        self.preprocess = dino_preprocess()
+
+    def _cls_token(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
+        """[N, D] unit-norm CLS embeddings, in input order."""
+        return _embed_in_batches(self._cls_token, self.preprocess, list(images), batch_size, self.device)
+
+
+def resolve_device(device: str | torch.device | None) -> str:
+    """'cuda' when available and none is asked for, else 'cpu'; normalised ('cuda' -> 'cuda:0')."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+@lru_cache(maxsize=4)
+def _load_backbone(kind: str, name: str, pretrained: str | None, device: str):
+    if kind == "clip":
+        return ClipBackbone(name, pretrained, device=device)
+    if kind == "dino":
+        return DinoBackbone(name, device=device)
+    raise ValueError(f"unknown backbone kind {kind!r} (known: clip, dino)")
+
+
+def load_backbone(kind: str, name: str, pretrained: str | None = None, device: str | torch.device | None = None):
+    """The backbone `kind` ('clip' or 'dino'), loaded once per (kind, name, pretrained, device).
+
+    Call `load_backbone.cache_clear()` to drop the loaded models and free their memory.
+    """
+    return _load_backbone(kind, name, pretrained, resolve_device(device))
+
+
+load_backbone.cache_clear = _load_backbone.cache_clear
+load_backbone.cache_info = _load_backbone.cache_info

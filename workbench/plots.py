@@ -1,0 +1,167 @@
+"""Plotly figures of a scored grid. Each function takes tables and returns a Figure; no models here."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+from .frontier import metric_label, pareto_front
+
+BASELINE = "baseline"
+BASELINE_COLOR = "#222222"
+METHOD_COLORS = qualitative.Plotly
+FRONT_COLOR = "#888888"
+IMAGE_CLOUD_OPACITY = 0.15
+
+
+def _weight_text(weight: float) -> str:
+    return "" if pd.isna(weight) else f"{weight:g}"
+
+
+def _mean_std_text(mean: float, std: float) -> str:
+    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _n_text(n_x: int, n_y: int, x: str, y: str) -> str:
+    return f"n = {n_x}" if n_x == n_y else f"n = {n_x} ({metric_label(x)}), {n_y} ({metric_label(y)})"
+
+
+def axis_title(metric: str, provenance: dict | None) -> str:
+    """'DINO (cosine in [-1, 1]) — image fidelity →' when provenance knows the metric, else 'DINO'."""
+    info = (provenance or {}).get(metric)
+    if not info:
+        return metric_label(metric)
+    arrow = " →" if info.get("direction") == "higher is better" else ""
+    return f"{metric_label(metric)} ({info['scale']}) — {info['axis'].replace('_', ' ')}{arrow}"
+
+
+def method_colors(methods) -> dict[str, str]:
+    """A fixed colour per method, in order; the baseline is always near-black."""
+    others = [method for method in methods if method != BASELINE]
+    colors = {method: METHOD_COLORS[index % len(METHOD_COLORS)] for index, method in enumerate(others)}
+    colors[BASELINE] = BASELINE_COLOR
+    return colors
+
+
+def _method_trace(rows: pd.DataFrame, method: str, x: str, y: str, color: str) -> go.Scatter:
+    rows = rows.sort_values("weight")
+    baseline = method == BASELINE
+    customdata = np.array([
+        [method, _weight_text(row["weight"]) or "—", _mean_std_text(row[f"{x}_mean"], row[f"{x}_std"]),
+         _mean_std_text(row[f"{y}_mean"], row[f"{y}_std"]), _n_text(row[f"{x}_n"], row[f"{y}_n"], x, y)]
+        for _, row in rows.iterrows()
+    ], dtype=object)
+    return go.Scatter(
+        x=rows[f"{x}_mean"].to_numpy(),
+        y=rows[f"{y}_mean"].to_numpy(),
+        error_x=dict(type="data", array=rows[f"{x}_std"].to_numpy(), thickness=1, width=3),
+        error_y=dict(type="data", array=rows[f"{y}_std"].to_numpy(), thickness=1, width=3),
+        mode="lines+markers+text",
+        name=method,
+        legendgroup=method,
+        text=[_weight_text(weight) for weight in rows["weight"]],
+        textposition="top right",
+        textfont=dict(color=color, size=11),
+        marker=dict(symbol="star" if baseline else "circle", size=18 if baseline else 9, color=color,
+                    line=dict(color="white", width=1)),
+        line=dict(color=color, width=1.5),
+        customdata=customdata,
+        hovertemplate=(
+            "<b>%{customdata[0]}</b> @ weight %{customdata[1]}<br>"
+            f"{metric_label(x)}: %{{customdata[2]}}<br>{metric_label(y)}: %{{customdata[3]}}<br>"
+            "%{customdata[4]}<extra></extra>"
+        ),
+    )
+
+
+def _image_cloud_trace(scores: pd.DataFrame, method: str, x: str, y: str, color: str) -> go.Scatter | None:
+    per_image = (
+        scores[(scores["method"] == method) & scores["metric"].isin([x, y]) & scores["seed"].notna()]
+        .groupby(["prompt", "weight", "seed", "metric"], dropna=False)["value"].mean()
+        .unstack("metric")
+    )
+    if x not in per_image or y not in per_image:
+        return None
+    per_image = per_image.dropna(subset=[x, y]).reset_index()
+    return go.Scatter(
+        x=per_image[x].to_numpy(),
+        y=per_image[y].to_numpy(),
+        mode="markers",
+        name=f"{method} (images)",
+        legendgroup=method,
+        showlegend=False,
+        opacity=IMAGE_CLOUD_OPACITY,
+        marker=dict(color=color, size=5),
+        customdata=np.column_stack([
+            per_image["prompt"].astype(str), [_weight_text(w) for w in per_image["weight"]], per_image["seed"]
+        ]),
+        hovertemplate=f"{method} @ weight %{{customdata[1]}}, seed %{{customdata[2]}}<br>%{{customdata[0]}}<extra></extra>",
+    )
+
+
+def _pareto_trace(summary: pd.DataFrame, x: str, y: str) -> go.Scatter:
+    on_front = pareto_front(summary, f"{x}_mean", f"{y}_mean")
+    # Drawn right to left with horizontal-then-vertical steps, the line is the edge of the region
+    # the front dominates: each corner sits at (next point's x, this point's y).
+    front = summary[on_front].sort_values([f"{x}_mean", f"{y}_mean"], ascending=[False, True])
+    return go.Scatter(
+        x=front[f"{x}_mean"].to_numpy(),
+        y=front[f"{y}_mean"].to_numpy(),
+        mode="lines",
+        line_shape="hv",
+        line=dict(color=FRONT_COLOR, dash="dash", width=1.5),
+        name="Pareto front",
+        hoverinfo="skip",
+    )
+
+
+def frontier_figure(
+    summary: pd.DataFrame,
+    x: str = "dino",
+    y: str = "clip_t",
+    scores: pd.DataFrame | None = None,
+    provenance: dict | None = None,
+) -> go.Figure:
+    """Image fidelity (x) against prompt fidelity (y), one line per method through its weights.
+
+    Markers are means over prompts and seeds with ± 1 sample std error bars, labelled with their
+    weight; the baseline is a star. The dashed step line is the Pareto front of the means (both
+    metrics maximised, so up and right is better). With `scores`, each image is a faint dot.
+    """
+    methods = list(dict.fromkeys(summary["method"]))
+    colors = method_colors(methods)
+    figure = go.Figure()
+    if scores is not None:
+        for method in methods:
+            cloud = _image_cloud_trace(scores, method, x, y, colors[method])
+            if cloud is not None:
+                figure.add_trace(cloud)
+    figure.add_trace(_pareto_trace(summary, x, y))
+    for method in methods:
+        figure.add_trace(_method_trace(summary[summary["method"] == method], method, x, y, colors[method]))
+    figure.update_layout(
+        template="plotly_white",
+        title=dict(
+            text=f"{metric_label(x)} vs {metric_label(y)} by method and weight",
+            subtitle=dict(text="mean ± std over prompts and seeds; labels are weights; up and right is better"),
+        ),
+        xaxis_title=axis_title(x, provenance),
+        yaxis_title=axis_title(y, provenance),
+        legend_title_text="method",
+        hovermode="closest",
+        margin=dict(t=90),
+    )
+    return figure
+
+
+def write_frontier_html(figure: go.Figure, path: str | Path) -> Path:
+    """A self-contained HTML file (plotly.js inlined, so it opens offline)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.write_html(path, include_plotlyjs=True, full_html=True)
+    return path

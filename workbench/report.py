@@ -1,0 +1,130 @@
+"""Run outputs: cells.csv, grid PNG(s), manifest.json. All are views of the cells on disk."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from .grid import make_grid
+from .images import load_image
+from .weights import source_identity
+
+LIBRARIES = ("torch", "diffusers", "transformers", "open_clip_torch", "peft", "accelerate", "safetensors",
+             "gradio", "plotly", "pandas", "pillow")
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_cells_csv(study, run_dir: Path, results) -> pd.DataFrame:
+    """cells.csv: one row per image on disk, keeping score columns already there for the same keys."""
+    frame = pd.DataFrame([r.record(study, run_dir) for r in results])
+    path = run_dir / "cells.csv"
+    if path.exists() and len(frame):
+        previous = pd.read_csv(path)
+        extra = [c for c in previous.columns if c not in frame.columns]
+        if extra and "key" in previous:
+            frame = frame.merge(previous[["key", *extra]].drop_duplicates("key"), on="key", how="left")
+    _atomic_csv(frame, path)
+    return frame
+
+
+def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
+    partial = path.with_suffix(".csv.partial")
+    frame.to_csv(partial, index=False)
+    partial.replace(path)
+
+
+def grid_images(result) -> list[tuple[str, Image.Image]]:
+    """(file name, image) of the grids: grid.png with every prompt, and one per prompt when several."""
+    study = result.study
+    columns = [(m, w) for m, spec in enumerate(study.methods) for w in spec.weights]
+    labels = [study.methods[m].column(w) for m, w in columns]
+    images = {(r.cell.prompt_index, r.cell.method_index, r.cell.weight, r.cell.seed): r.image_path for r in result.results}
+
+    def group(prompt_index: int):
+        template = study.prompts[prompt_index]
+        rows = []
+        for seed in study.seeds:
+            row = []
+            for m, w in columns:
+                path = images.get((prompt_index, m, w, seed))
+                row.append(Image.open(path).convert("RGB") if path else None)
+            rows.append(row)
+        return (f"{prompt_index + 1}. {study.scoring_prompt(template)}", [f"seed {s}" for s in study.seeds], rows)
+
+    references = [load_image(p) for p in study.subject.reference_images]
+    title = f"{study.name} | {study.base}, {study.steps} steps, CFG {study.guidance:g}"
+    groups = [group(p) for p in range(len(study.prompts))]
+    cell_size = min(256, study.size[1]) if len(study.prompts) * len(study.seeds) > 16 else None
+    grids = [("grid.png", make_grid(labels, groups, references, title, cell_size))]
+    if len(study.prompts) > 1:
+        for index, prompt_group in enumerate(groups):
+            grids.append((f"grids/prompt_{index + 1:02d}.png", make_grid(labels, [prompt_group], references, title)))
+    return grids
+
+
+def write_manifest(result, loaded) -> dict:
+    study = result.study
+    path = result.run_dir / "manifest.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    run = {
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": round(result.wall_seconds, 3),
+        "generated": result.generated, "cells_on_disk": len(result.results), "stopped": result.stopped,
+        "methods": {label: {"images": s.images, "seconds": round(s.seconds, 3),
+                            "seconds_per_image": round(s.seconds / s.images, 4) if s.images else None,
+                            "peak_memory_mb": round(s.peak_memory_mb, 1),
+                            "peak_memory_kind": "cuda max_memory_allocated" if loaded.device.startswith("cuda")
+                            else "process peak RSS"}
+                    for label, s in result.stats.items()},
+    }
+    manifest = {
+        **previous,
+        "study": study.to_dict(),
+        "source": study.source,
+        "models": {
+            "base": loaded.identity,
+            "loras": [source_identity(l.source) | {"weight": l.weight} for l in study.loras],
+            "methods": {spec.label: spec.method.identity() for spec in study.methods},
+        },
+        "pipeline": type(loaded.pipe).__name__,
+        "device": loaded.device, "device_name": _device_name(loaded.device),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "libraries": library_versions(),
+        "cells_total": len(study.cells()), "cells_on_disk": len(result.results),
+        "runs": previous.get("runs", []) + [run],
+    }
+    path.write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def write_run_outputs(result, loaded) -> None:
+    """cells.csv, grid(s) and manifest.json for what is on disk now (also after a stop)."""
+    write_cells_csv(result.study, result.run_dir, result.results)
+    if result.results:
+        for name, image in grid_images(result):
+            path = result.run_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+    write_manifest(result, loaded)

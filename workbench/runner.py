@@ -1,0 +1,288 @@
+"""The study runner: cells -> batches -> PNGs on disk, with a cache, resume, progress and stop.
+
+One runner under the CLI, the app and the Python API: `run_study(study, out_dir, ...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .methods import attached
+from .methods.lora import BaseLoras
+from .models import LoadedBase, load_base, make_scheduler
+from .spec import Cell, Study, source_key
+
+PNG_KEY = "workbench"
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    key: str
+    prompt: str
+    method: str
+    kind: str
+    column: str
+    image_path: Path
+    seconds: float
+    generated: bool  # False: found in the cache
+
+    def record(self, study: Study, run_dir: Path) -> dict:
+        return {
+            "prompt_index": self.cell.prompt_index, "prompt": self.prompt, "template": self.cell.template,
+            "scoring_prompt": study.scoring_prompt(self.cell.template),
+            "method": self.method, "kind": self.kind, "weight": self.cell.weight, "seed": self.cell.seed,
+            "column": self.column, "image": str(self.image_path.relative_to(run_dir)),
+            "seconds": round(self.seconds, 4), "key": self.key,
+        }
+
+
+@dataclass
+class MethodStats:
+    images: int = 0
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+
+
+@dataclass
+class RunResult:
+    study: Study
+    run_dir: Path
+    results: list[CellResult]
+    stats: dict[str, MethodStats] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    generated: int = 0
+    stopped: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return len(self.results) == len(self.study.cells())
+
+
+class StopRequested(Exception):
+    """Raised inside a pipeline call to abandon the batch when the user pressed Stop."""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "method"
+
+
+def existing_images(run_dir: Path) -> dict[str, Path]:
+    """Cached images of a run folder by cache key (the key's first 16 hex digits end each file name)."""
+    found = {}
+    for path in (run_dir / "images").glob("*/*.png"):
+        match = re.search(r"_([0-9a-f]{16})\.png$", path.name)
+        if match:
+            found[match.group(1)] = path
+    return found
+
+
+def read_png_metadata(path: Path) -> dict:
+    with Image.open(path) as image:
+        text = image.text.get(PNG_KEY) if hasattr(image, "text") else None
+    return json.loads(text) if text else {}
+
+
+def _a1111_parameters(meta: dict) -> str:
+    """The `parameters` text other tools (A1111, civitai) read from PNGs."""
+    return (
+        f"{meta['prompt']}\nNegative prompt: {meta['negative_prompt']}\n"
+        f"Steps: {meta['steps']}, Sampler: {meta['scheduler']}, CFG scale: {meta['guidance']}, "
+        f"Seed: {meta['seed']}, Size: {meta['width']}x{meta['height']}, Model: {meta['base']}, "
+        f"Method: {meta['method']}, Weight: {meta['weight']:g}"
+    )
+
+
+def default_batch_size(loaded: LoadedBase, study: Study) -> int:
+    """1 on CPU (a cell then equals itself inside any run, bit for bit); on GPU, from free memory."""
+    if not loaded.device.startswith("cuda"):
+        return 1
+    free, _ = torch.cuda.mem_get_info()
+    pixels = study.size[0] * study.size[1] / (512 * 512)
+    per_sample = 0.35e9 * pixels * (2.0 if loaded.is_sdxl else 1.0)
+    return int(max(1, min(16, (free * 0.6) // per_sample)))
+
+
+def _batches(cells: list[Cell], per_sample_weights: bool, batch_size: int):
+    """Consecutive chunks of one prompt (and one weight, unless the method mixes weights per sample)."""
+    group: list[Cell] = []
+    for cell in cells:
+        same = group and group[0].prompt_index == cell.prompt_index and (
+            per_sample_weights or group[0].weight == cell.weight)
+        if group and (not same or len(group) == batch_size):
+            yield group
+            group = []
+        group.append(cell)
+    if group:
+        yield group
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (kB on Linux)
+
+
+def run_study(
+    study: Study,
+    out_dir: str | Path,
+    *,
+    loaded: LoadedBase | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    progress: Callable[[CellResult, int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    show_progress_bar: bool = True,
+    write_outputs: bool = True,
+) -> RunResult:
+    """Generate every missing cell of `study` into `out_dir`; cells already on disk are reused.
+
+    `progress(result, done, total)` is called after each image (cached ones first). `should_stop()`
+    is polled at every denoising step: when it returns True the batch in flight is dropped and the
+    run returns with `stopped=True`. Finished images are on disk whatever happens, so running the
+    same study again generates only what is missing. Ctrl-C behaves like Stop, then re-raises.
+    """
+    from . import report
+
+    start = time.perf_counter()
+    run_dir = Path(out_dir)
+    (run_dir / "images").mkdir(parents=True, exist_ok=True)
+    loaded = loaded or load_base(study.base, study.dtype, device)
+    pipe = loaded.pipe
+    device_type = loaded.device.split(":")[0]
+    cells = study.cells()
+    keys = {cell: source_key(study, cell, device=device_type, base_identity=loaded.identity) for cell in cells}
+    on_disk = existing_images(run_dir)
+    result = RunResult(study, run_dir, [])
+    by_cell: dict[Cell, CellResult] = {}
+    total = len(cells)
+
+    def describe(cell: Cell, path: Path, seconds: float, generated: bool) -> CellResult:
+        spec = study.methods[cell.method_index]
+        return CellResult(cell, keys[cell], study.render_prompt(cell), spec.label, spec.method.kind,
+                          spec.column(cell.weight), path, seconds, generated)
+
+    missing = []
+    for cell in cells:
+        path = on_disk.get(keys[cell][:16])
+        if path is None:
+            missing.append(cell)
+            continue
+        by_cell[cell] = describe(cell, path, float(read_png_metadata(path).get("seconds", 0.0)), False)
+        if progress:
+            progress(by_cell[cell], len(by_cell), total)
+
+    bar = None
+    if show_progress_bar and missing:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(missing), desc=f"{study.name}", unit="img")
+    interrupted: BaseException | None = None
+    try:
+        if missing:
+            pipe.scheduler = make_scheduler(loaded, study.scheduler)
+            with attached(_BaseLorasMethod(), pipe, study):
+                for method_index, spec in enumerate(study.methods):
+                    todo = [c for c in missing if c.method_index == method_index]
+                    if not todo:
+                        continue
+                    stats = result.stats.setdefault(spec.label, MethodStats())
+                    if loaded.device.startswith("cuda"):
+                        torch.cuda.reset_peak_memory_stats()
+                    size = batch_size or default_batch_size(loaded, study)
+                    with attached(spec.method, pipe, study) as attachment:
+                        for batch in _batches(todo, spec.method.per_sample_weights, size):
+                            images, seconds = _generate(pipe, study, batch, attachment, should_stop)
+                            for cell, image in zip(batch, images):
+                                path = run_dir / "images" / _slug(spec.label) / (
+                                    f"p{cell.prompt_index:02d}_w{cell.weight:g}_s{cell.seed}_{keys[cell][:16]}.png")
+                                cell_result = describe(cell, path, seconds / len(batch), True)
+                                _save_png(image, path, study, cell_result, loaded)
+                                by_cell[cell] = cell_result
+                                result.generated += 1
+                                if bar:
+                                    bar.update(1)
+                                if progress:
+                                    progress(cell_result, len(by_cell), total)
+                            stats.images += len(batch)
+                            stats.seconds += seconds
+                            stats.peak_memory_mb = max(stats.peak_memory_mb, _peak_memory_mb(loaded.device))
+                            if write_outputs:
+                                report.write_cells_csv(study, run_dir, [by_cell[c] for c in cells if c in by_cell])
+    except StopRequested:
+        result.stopped = True
+    except KeyboardInterrupt as error:
+        result.stopped, interrupted = True, error
+    finally:
+        if bar:
+            bar.close()
+        result.results = [by_cell[c] for c in cells if c in by_cell]
+        result.wall_seconds = time.perf_counter() - start
+        if write_outputs:
+            report.write_run_outputs(result, loaded)
+    if interrupted is not None:
+        raise interrupted
+    return result
+
+
+class _BaseLorasMethod:
+    """Adapter so the study-level LoRAs use the same attached(...) context as methods."""
+
+    def attach(self, pipe, study):
+        return BaseLoras(pipe, study)
+
+
+def _generate(pipe, study: Study, batch: list[Cell], attachment, should_stop) -> tuple[list[Image.Image], float]:
+    """One pipeline call for a batch: one CPU generator per image, seeded from its cell."""
+    start = time.perf_counter()
+    kwargs = attachment.call_kwargs([cell.weight for cell in batch])
+    prompts = [study.render_prompt(cell) for cell in batch]
+    generators = [torch.Generator("cpu").manual_seed(cell.seed) for cell in batch]
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        if should_stop is not None and should_stop():
+            raise StopRequested()
+        return callback_kwargs
+
+    with torch.inference_mode():
+        output = pipe(
+            prompt=prompts,
+            negative_prompt=[study.negative_prompt] * len(batch) if study.guidance > 1.0 else None,
+            num_inference_steps=study.steps,
+            guidance_scale=study.guidance,
+            height=study.size[0],
+            width=study.size[1],
+            generator=generators,
+            callback_on_step_end=on_step_end,
+            **kwargs,
+        )
+    return list(output.images), time.perf_counter() - start
+
+
+def _save_png(image: Image.Image, path: Path, study: Study, result: CellResult, loaded: LoadedBase) -> None:
+    meta = {
+        "prompt": result.prompt, "negative_prompt": study.negative_prompt, "method": result.method,
+        "kind": result.kind, "weight": result.cell.weight, "seed": result.cell.seed, "steps": study.steps,
+        "guidance": study.guidance, "height": study.size[0], "width": study.size[1], "scheduler": study.scheduler,
+        "base": study.base, "dtype": str(loaded.dtype).replace("torch.", ""), "device": loaded.device,
+        "options": study.methods[result.cell.method_index].method.options(), "key": result.key,
+        "seconds": round(result.seconds, 4), "study": study.name,
+    }
+    info = PngInfo()
+    info.add_text(PNG_KEY, json.dumps(meta))
+    info.add_text("parameters", _a1111_parameters(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".png.partial")
+    image.save(partial, format="PNG", pnginfo=info)
+    partial.replace(path)  # a crash mid-write never leaves a PNG that looks cached

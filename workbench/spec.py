@@ -1,0 +1,333 @@
+"""A study, as frozen data: loaded from presets/*.yaml (or YAML text), validated before any GPU work."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import StudyError
+from .images import load_image
+from .weights import WeightSource, parse_weight_source, source_identity
+
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_MAX_CELLS = 1000
+SCHEDULERS = ("default", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA applied to every cell of the study, at a fixed weight."""
+
+    source: WeightSource
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Subject:
+    reference_images: tuple[str, ...]
+    token: str = "sks"
+    class_noun: str = ""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One column group: a method (its options are the method object's fields) and its weights."""
+
+    label: str
+    method: Any  # a registered method instance (frozen dataclass)
+    weights: tuple[float, ...]
+
+    def column(self, weight: float) -> str:
+        return self.label if self.method.kind == "baseline" else f"{self.label}@{weight:g}"
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    base: str
+    subject: Subject
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    methods: tuple[MethodSpec, ...]
+    description: str = ""
+    loras: tuple[LoraSpec, ...] = ()
+    steps: int = 30
+    guidance: float = 7.5
+    size: tuple[int, int] = (512, 512)
+    scheduler: str = "default"
+    negative_prompt: str = ""
+    dtype: str = "auto"
+    max_cells: int = DEFAULT_MAX_CELLS
+    source: str = "<study>"
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.base in ("tiny", "tiny-xl")
+
+    def cells(self) -> list["Cell"]:
+        """Every image of the study, ordered method (outer) > prompt > weight > seed."""
+        return [
+            Cell(prompt_index=p, template=template, method_index=m, weight=w, seed=s)
+            for m, spec in enumerate(self.methods)
+            for p, template in enumerate(self.prompts)
+            for w in spec.weights
+            for s in self.seeds
+        ]
+
+    def render_prompt(self, cell: "Cell") -> str:
+        return self.methods[cell.method_index].method.render_prompt(cell.template, self.subject)
+
+    def scoring_prompt(self, template: str) -> str:
+        """The prompt with the identifier token removed, naming only the class (for CLIP-T)."""
+        return _fill(template, "", self.subject.class_noun)
+
+    def to_dict(self) -> dict:
+        """The resolved spec, as written to manifest.json and accepted back by parse_study."""
+        return {
+            "name": self.name, "description": self.description, "base": self.base,
+            "lora": [{"path": _source_text(l.source), "weight": l.weight} for l in self.loras],
+            "subject": {"reference_images": list(self.subject.reference_images), "token": self.subject.token,
+                        "class_noun": self.subject.class_noun},
+            "prompts": list(self.prompts), "seeds": list(self.seeds), "steps": self.steps,
+            "guidance": self.guidance, "size": list(self.size), "scheduler": self.scheduler,
+            "negative_prompt": self.negative_prompt, "dtype": self.dtype, "max_cells": self.max_cells,
+            "methods": [
+                {"kind": m.method.kind, "label": m.label, "weights": list(m.weights), **m.method.options()}
+                for m in self.methods
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class Cell:
+    prompt_index: int
+    template: str
+    method_index: int
+    weight: float
+    seed: int
+
+
+def _fill(template: str, token: str, class_noun: str) -> str:
+    text = template.replace("{subject}", token).replace("{class}", class_noun)
+    return " ".join(text.split())
+
+
+def _source_text(source: WeightSource) -> str:
+    text = source.repo + (f"@{source.revision}" if source.revision else "")
+    return text + (f":{source.filename}" if source.filename else "")
+
+
+def source_key(study: Study, cell: Cell, *, device: str, base_identity: dict) -> str:
+    """Hash of everything that determines a cell's image: the cache key of its PNG."""
+    spec = study.methods[cell.method_index]
+    payload = {
+        "v": 1,
+        "base": base_identity,
+        "loras": [[source_identity(l.source), l.weight] for l in study.loras],
+        "method": spec.method.identity(),
+        "references": [_file_sha(p) for p in study.subject.reference_images] if spec.method.uses_references else None,
+        "prompt": study.render_prompt(cell), "negative_prompt": study.negative_prompt,
+        "weight": cell.weight, "seed": cell.seed, "steps": study.steps, "guidance": study.guidance,
+        "size": list(study.size), "scheduler": study.scheduler, "dtype": study.dtype, "device": device,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha(path: str) -> str:
+    from .weights import sha256_file
+
+    return sha256_file(path)
+
+
+# ---------------------------------------------------------------- loading
+
+_TOP_KEYS = {
+    "name", "description", "base", "lora", "subject", "prompts", "seeds", "steps", "guidance", "size",
+    "scheduler", "negative_prompt", "dtype", "max_cells", "methods",
+}
+_SUBJECT_KEYS = {"reference_images", "token", "class_noun"}
+_LORA_KEYS = {"path", "weight"}
+
+
+def load_study(path: str | Path, **overrides) -> Study:
+    """Read and validate presets/NAME.yaml. Raises StudyError('FILE: field: what is wrong')."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"{path}: preset file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise StudyError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    return parse_study(data, source=str(path), base_dir=path.resolve().parent, **overrides)
+
+
+def parse_study(data: Any, source: str = "<study>", base_dir: Path | None = None, **overrides) -> Study:
+    """Validate a study dict (the YAML schema of presets/). Every error names the field."""
+    from .methods import build_method
+
+    def fail(where: str, what: str) -> StudyError:
+        return StudyError(f"{source}: {where}: {what}")
+
+    if isinstance(data, str):
+        try:
+            data = yaml.safe_load(data)
+        except yaml.YAMLError as error:
+            raise StudyError(f"{source}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise StudyError(f"{source}: expected a mapping of study fields, got {type(data).__name__}")
+    data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise fail(sorted(unknown)[0], f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+
+    base = str(data.get("base") or DEFAULT_BASE)
+    if base.lower().endswith(".safetensors") or base.startswith((".", "/", "~")):
+        local = parse_weight_source(base, "base", base_dir)
+        base = local.repo
+    elif base not in ("tiny", "tiny-xl"):
+        parse_weight_source(base, "base", base_dir)
+
+    subject_data = data.get("subject") or {}
+    if not isinstance(subject_data, dict):
+        raise fail("subject", "expected a mapping with reference_images, token, class_noun")
+    if set(subject_data) - _SUBJECT_KEYS:
+        raise fail(f"subject.{sorted(set(subject_data) - _SUBJECT_KEYS)[0]}", f"unknown key (known: {', '.join(sorted(_SUBJECT_KEYS))})")
+    references = subject_data.get("reference_images") or []
+    if isinstance(references, str):
+        references = [references]
+    resolved_refs = []
+    for index, ref in enumerate(references):
+        where = f"subject.reference_images[{index}]"
+        found = _resolve_path(str(ref), base_dir)
+        if found is None:
+            raise fail(where, f"file not found: {ref}")
+        try:
+            load_image(found, field=where)
+        except StudyError as error:
+            raise StudyError(f"{source}: {error}") from None
+        resolved_refs.append(str(found))
+    subject = Subject(tuple(resolved_refs), str(subject_data.get("token", "sks")), str(subject_data.get("class_noun", "")))
+
+    prompts = data.get("prompts")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts or not isinstance(prompts, list):
+        raise fail("prompts", "expected a non-empty list of prompts")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise fail(f"prompts[{index}]", "empty prompt")
+
+    seeds = _int_list(data.get("seeds", [0]), "seeds", fail)
+    if not seeds:
+        raise fail("seeds", "expected at least one seed")
+    size = data.get("size", 512)
+    size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (list, tuple)) else None
+    if size is None or len(size) != 2 or not all(isinstance(s, int) and s > 0 and s % 8 == 0 for s in size):
+        raise fail("size", f"expected a multiple of 8 or [height, width], got {data.get('size')!r}")
+    scheduler = str(data.get("scheduler", "default"))
+    if scheduler not in SCHEDULERS:
+        raise fail("scheduler", f"unknown scheduler {scheduler!r} (known: {', '.join(SCHEDULERS)})")
+    dtype = str(data.get("dtype", "auto"))
+    if dtype not in DTYPES:
+        raise fail("dtype", f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+
+    loras = []
+    lora_items = data.get("lora") or []
+    if isinstance(lora_items, (dict, str)):
+        lora_items = [lora_items]
+    for index, item in enumerate(lora_items):
+        where = f"lora[{index}]"
+        item = {"path": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or "path" not in item:
+            raise fail(where, "expected {path: ..., weight: ...}")
+        if set(item) - _LORA_KEYS:
+            raise fail(f"{where}.{sorted(set(item) - _LORA_KEYS)[0]}", "unknown key (known: path, weight)")
+        path = str(item["path"])
+        if path == "tiny":
+            from .tiny import resolve_tiny
+
+            path = _tiny_or_fail(resolve_tiny, "lora", base, fail, where)
+        loras.append(LoraSpec(parse_weight_source(path, f"{where}.path", base_dir),
+                              _number(item.get("weight", 1.0), f"{where}.weight", fail)))
+
+    methods_data = data.get("methods") or [{"kind": "baseline"}]
+    if not isinstance(methods_data, list):
+        raise fail("methods", "expected a list of {kind: ..., weights: [...]}")
+    methods, labels = [], set()
+    for index, item in enumerate(methods_data):
+        where = f"methods[{index}]"
+        item = {"kind": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or "kind" not in item:
+            raise fail(where, "expected a mapping with a 'kind'")
+        options = {k: v for k, v in item.items() if k not in ("kind", "weights", "label")}
+        method = build_method(str(item["kind"]), options, base=base, base_dir=base_dir,
+                              fail=lambda what, w=where: fail(w, what))
+        weights = item.get("weights", method.default_weights)
+        if weights is None:
+            raise fail(f"{where}.weights", f"{method.kind} needs a list of weights, e.g. [0.3, 0.5, 0.7]")
+        weights = [weights] if isinstance(weights, (int, float)) else list(weights) if isinstance(weights, tuple) else weights
+        if not isinstance(weights, list) or not weights:
+            raise fail(f"{where}.weights", f"expected a non-empty list of numbers, got {weights!r}")
+        weights = tuple(_number(w, f"{where}.weights[{i}]", fail) for i, w in enumerate(weights))
+        if len(set(weights)) != len(weights):
+            raise fail(f"{where}.weights", f"duplicate weights in {list(weights)}")
+        label = str(item.get("label", method.kind))
+        if label in labels:
+            raise fail(f"{where}.label", f"two methods are labelled {label!r}; give each a distinct 'label'")
+        labels.add(label)
+        if method.uses_references and not subject.reference_images:
+            raise fail(where, f"{method.kind} needs subject.reference_images")
+        methods.append(MethodSpec(label, method, weights))
+
+    max_cells = int(_number(data.get("max_cells", DEFAULT_MAX_CELLS), "max_cells", fail))
+    study = Study(
+        name=str(data.get("name") or Path(source).stem), description=str(data.get("description", "")),
+        base=base, loras=tuple(loras), subject=subject, prompts=tuple(p.strip() for p in prompts),
+        seeds=tuple(seeds), methods=tuple(methods), steps=int(_number(data.get("steps", 30), "steps", fail)),
+        guidance=_number(data.get("guidance", 7.5), "guidance", fail), size=(int(size[0]), int(size[1])),
+        scheduler=scheduler, negative_prompt=str(data.get("negative_prompt") or ""), dtype=dtype,
+        max_cells=max_cells, source=source,
+    )
+    if study.steps < 1:
+        raise fail("steps", "expected at least 1 step")
+    count = len(study.prompts) * len(study.seeds) * sum(len(m.weights) for m in study.methods)
+    if count > max_cells:
+        raise fail("max_cells", f"the study has {count} cells, more than max_cells={max_cells}: "
+                   "drop seeds, weights or prompts, or raise max_cells")
+    return study
+
+
+def _tiny_or_fail(resolver, kind, base, fail, where):
+    try:
+        return resolver(kind, base)
+    except ValueError as error:
+        raise fail(where, str(error)) from None
+
+
+def _resolve_path(text: str, base_dir: Path | None) -> Path | None:
+    candidates = [Path(text).expanduser()]
+    if base_dir is not None and not Path(text).is_absolute():
+        candidates += [base_dir / text, base_dir.parent / text]
+    return next((c.resolve() for c in candidates if c.is_file()), None)
+
+
+def _number(value, where, fail) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise fail(where, f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _int_list(values, where, fail) -> list[int]:
+    values = [values] if isinstance(values, int) else values
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise fail(where, f"expected a list of integers, got {values!r}")
+    if len(set(values)) != len(values):
+        raise fail(where, f"duplicate seeds in {values}")
+    return values

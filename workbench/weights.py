@@ -1,0 +1,130 @@
+"""Where weight files come from (hub `repo:path`, local .safetensors, `tiny`) and what identifies them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import StudyError
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """A weight file or repo: `repo` (hub id or local folder) and optional `filename` inside it."""
+
+    repo: str
+    filename: str | None = None
+    revision: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.repo).exists()
+
+    @property
+    def local_file(self) -> Path | None:
+        if not self.is_local:
+            return None
+        path = Path(self.repo) / self.filename if self.filename else Path(self.repo)
+        return path if path.is_file() else None
+
+
+def refuse_pickle(name: str, field: str) -> None:
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise StudyError(
+            f"{field}: {name} is a pickle checkpoint, which can run arbitrary code when loaded; "
+            "it is refused unopened. Convert it to .safetensors (e.g. with safetensors' convert script) and point to that"
+        )
+
+
+def parse_weight_source(text: str, field: str, base_dir: Path | None = None) -> WeightSource:
+    """Parse `repo[@revision][:path/in/repo]`, a local file, or a local folder.
+
+    Local paths are tried as given and relative to `base_dir` (the preset's folder and its parent).
+    Pickle formats are refused by name, never opened.
+    """
+    text = str(text).strip()
+    if not text:
+        raise StudyError(f"{field}: empty weight reference")
+    local = _find_local(text, base_dir)
+    if local is not None:
+        refuse_pickle(local.name, field)
+        if local.is_file() and local.suffix != ".safetensors":
+            raise StudyError(f"{field}: {local} is not a .safetensors file")
+        return WeightSource(str(local))
+    repo, _, filename = text.partition(":")
+    revision = None
+    if "@" in repo:
+        repo, revision = repo.split("@", 1)
+    if filename:
+        refuse_pickle(filename, field)
+        local_repo = _find_local(repo, base_dir)
+        if local_repo is not None:
+            if not (local_repo / filename).is_file():
+                raise StudyError(f"{field}: {local_repo / filename} does not exist")
+            return WeightSource(str(local_repo), filename)
+    looks_local = text.startswith((".", "/", "~")) or text.endswith(".safetensors") and "/" not in repo
+    if looks_local or repo.count("/") != 1:
+        raise StudyError(f"{field}: {text!r} is neither an existing local file/folder nor a hub id 'owner/name'")
+    return WeightSource(repo, filename or None, revision)
+
+
+def _find_local(text: str, base_dir: Path | None) -> Path | None:
+    candidates = [Path(text).expanduser()]
+    if base_dir is not None and not Path(text).is_absolute():
+        candidates += [base_dir / text, base_dir.parent / text]
+    return next((c.resolve() for c in candidates if c.exists()), None)
+
+
+@lru_cache(maxsize=256)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file, cached by (path, size, mtime) so multi-GB checkpoints hash once."""
+    stat = os.stat(path)
+    return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def source_identity(source: WeightSource) -> dict:
+    """What identifies the bytes behind a source: sha256 for local files, id@revision for hub ones."""
+    if source.is_local:
+        root = Path(source.repo)
+        files = [source.local_file] if source.local_file else sorted(
+            p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt"))
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(str(path.relative_to(root) if root.is_dir() else path.name).encode())
+            digest.update(sha256_file(path).encode())
+        return {"local": str(root), "file": source.filename, "sha256": digest.hexdigest()}
+    return {"hub": source.repo, "file": source.filename, "revision": resolved_revision(source)}
+
+
+def resolved_revision(source: WeightSource) -> str:
+    """The commit the local HF cache holds for a hub source, else the requested revision (or 'main')."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(source.repo, revision=source.revision, local_files_only=True)
+        return Path(path).name
+    except Exception:
+        return source.revision or "main"
+
+
+def missing_model_message(source: WeightSource | str, field: str) -> str:
+    repo = source.repo if isinstance(source, WeightSource) else source
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    why = "HF_HUB_OFFLINE is set" if offline else "it could not be downloaded"
+    return (
+        f"{field}: model {repo!r} is not in the local Hugging Face cache and {why}. "
+        f"On a machine with network run `huggingface-cli download {repo}` (or point to a local .safetensors file)"
+    )
