@@ -78,7 +78,12 @@ def load_pipeline_uncached(source: WeightSource | str, *, dtype: torch.dtype, de
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
+    from transformers.utils import logging as transformers_logging
+
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     try:
         if isinstance(source, str):
             from .tiny import tiny_pipeline_dir

@@ -77,7 +77,10 @@ def grid_images(result) -> list[tuple[str, Image.Image]]:
     return grids
 
 
-def write_manifest(result, loaded) -> dict:
+def write_manifest(result, loaded, *, device_type: str, base_identity: dict) -> dict:
+    """manifest.json: the resolved spec, model identities, versions, device, timings per method.
+
+    `loaded` is None when every cell came from the cache (no model was loaded this time)."""
     study = result.study
     path = result.run_dir / "manifest.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
@@ -87,7 +90,7 @@ def write_manifest(result, loaded) -> dict:
         "methods": {label: {"images": s.images, "seconds": round(s.seconds, 3),
                             "seconds_per_image": round(s.seconds / s.images, 4) if s.images else None,
                             "peak_memory_mb": round(s.peak_memory_mb, 1),
-                            "peak_memory_kind": "cuda max_memory_allocated" if loaded.device.startswith("cuda")
+                            "peak_memory_kind": "cuda max_memory_allocated" if device_type == "cuda"
                             else "process peak RSS"}
                     for label, s in result.stats.items()},
     }
@@ -96,13 +99,13 @@ def write_manifest(result, loaded) -> dict:
         "study": study.to_dict(),
         "source": study.source,
         "models": {
-            "base": loaded.identity,
+            "base": base_identity,
             "loras": [source_identity(l.source) | {"weight": l.weight} for l in study.loras],
             "methods": {spec.label: spec.method.identity() for spec in study.methods},
         },
-        "pipeline": type(loaded.pipe).__name__,
-        "device": loaded.device, "device_name": _device_name(loaded.device),
-        "dtype": str(loaded.dtype).replace("torch.", ""),
+        **({"pipeline": type(loaded.pipe).__name__, "device": loaded.device,
+            "device_name": _device_name(loaded.device), "dtype": str(loaded.dtype).replace("torch.", "")}
+           if loaded else {}),
         "libraries": library_versions(),
         "cells_total": len(study.cells()), "cells_on_disk": len(result.results),
         "runs": previous.get("runs", []) + [run],
@@ -119,7 +122,7 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def write_run_outputs(result, loaded) -> None:
+def write_run_outputs(result, loaded, *, device_type: str, base_identity: dict) -> None:
     """cells.csv, grid(s) and manifest.json for what is on disk now (also after a stop)."""
     write_cells_csv(result.study, result.run_dir, result.results)
     if result.results:
@@ -127,4 +130,4 @@ def write_run_outputs(result, loaded) -> None:
             path = result.run_dir / name
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path)
-    write_manifest(result, loaded)
+    write_manifest(result, loaded, device_type=device_type, base_identity=base_identity)

@@ -18,7 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .methods import attached
 from .methods.lora import BaseLoras
-from .models import LoadedBase, load_base, make_scheduler
+from .models import LoadedBase, base_identity, load_base, make_scheduler, pick_device
 from .spec import Cell, Study, source_key
 
 PNG_KEY = "workbench"
@@ -158,11 +158,11 @@ def run_study(
     start = time.perf_counter()
     run_dir = Path(out_dir)
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
-    loaded = loaded or load_base(study.base, study.dtype, device)
-    pipe = loaded.pipe
-    device_type = loaded.device.split(":")[0]
+    # Keys need only the base's identity, so a fully cached run never loads a model.
+    device_type = (loaded.device if loaded else pick_device(device)).split(":")[0]
+    identity = loaded.identity if loaded else base_identity(study.base)
     cells = study.cells()
-    keys = {cell: source_key(study, cell, device=device_type, base_identity=loaded.identity) for cell in cells}
+    keys = {cell: source_key(study, cell, device=device_type, base_identity=identity) for cell in cells}
     on_disk = existing_images(run_dir)
     result = RunResult(study, run_dir, [])
     by_cell: dict[Cell, CellResult] = {}
@@ -191,6 +191,8 @@ def run_study(
     interrupted: BaseException | None = None
     try:
         if missing:
+            loaded = loaded or load_base(study.base, study.dtype, device)
+            pipe = loaded.pipe
             pipe.scheduler = make_scheduler(loaded, study.scheduler)
             with attached(_BaseLorasMethod(), pipe, study):
                 for method_index, spec in enumerate(study.methods):
@@ -230,7 +232,7 @@ def run_study(
         result.results = [by_cell[c] for c in cells if c in by_cell]
         result.wall_seconds = time.perf_counter() - start
         if write_outputs:
-            report.write_run_outputs(result, loaded)
+            report.write_run_outputs(result, loaded, device_type=device_type, base_identity=identity)
     if interrupted is not None:
         raise interrupted
     return result

@@ -16,6 +16,7 @@ from typing import Protocol, Sequence
 import torch
 from PIL import Image
 
+from ..models import pick_device
 from ..tiny import _build_once
 
 TINY = "tiny"
@@ -165,10 +166,8 @@ class DinoBackbone:
 
 
 def resolve_device(device: str | torch.device | None) -> str:
-    """'cuda' when available and none is asked for, else 'cpu'; normalised ('cuda' -> 'cuda:0')."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    """`device`, else $WORKBENCH_DEVICE, else cuda when present, else cpu; 'cuda' becomes 'cuda:0'."""
+    device = torch.device(pick_device(str(device) if device is not None else None))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return str(device)

@@ -31,6 +31,7 @@ class Scorer:
 
     clip: (open_clip model name, pretrained tag or file); ("ViT-B-32", "tiny") is the tiny test model.
     dino: transformers model id or folder; "tiny" is the tiny test model.
+    device: None picks $WORKBENCH_DEVICE, else cuda when present, else cpu.
     Only the backbones the chosen metrics need are loaded, once, through `load_backbone`.
     """
 

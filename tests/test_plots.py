@@ -1,0 +1,112 @@
+import os
+import re
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from workbench.frontier import pareto_front, summarize
+from workbench.plots import frontier_figure, write_frontier_html
+
+PROVENANCE = {
+    "dino": {"axis": "image_fidelity", "direction": "higher is better",
+             "backbone": "transformers facebook/dino-vits16", "scale": "cosine in [-1, 1]"},
+    "clip_t": {"axis": "prompt_fidelity", "direction": "higher is better",
+               "backbone": "open_clip ViT-B-32 openai", "scale": "cosine in [-1, 1]"},
+}
+
+
+def fake_scores(seed: int = 0) -> pd.DataFrame:
+    """Two prompts x three seeds per cell; DINO rises and CLIP-T falls with weight."""
+    rng = np.random.default_rng(seed)
+    cells = [("baseline", 0.0, 0.30, 0.33)]
+    cells += [("ip_adapter", w, 0.30 + 0.45 * w, 0.33 - 0.10 * w ** 2) for w in (0.25, 0.5, 0.75, 1.0)]
+    cells += [("lora", w, 0.35 + 0.30 * w, 0.32 - 0.12 * w) for w in (1.0, 0.5)]  # weights out of order
+    rows = []
+    for method, weight, dino, clip_t in cells:
+        for prompt in ("a photo of a dog", "a dog on the beach"):
+            for seed in range(3):
+                rows.append((prompt, method, weight, seed, "dino", dino + rng.normal(0, 0.03)))
+                rows.append((prompt, method, weight, seed, "clip_t", clip_t + rng.normal(0, 0.01)))
+            rows.append((prompt, method, weight, None, "diversity", 0.2 + rng.normal(0, 0.02)))
+    return pd.DataFrame(rows, columns=["prompt", "method", "weight", "seed", "metric", "value"])
+
+
+def traces_named(figure: go.Figure, name: str) -> list:
+    return [trace for trace in figure.data if trace.name == name]
+
+
+def test_frontier_figure_has_one_trace_per_method_with_std_error_bars_and_weight_labels():
+    summary = summarize(fake_scores())
+
+    figure = frontier_figure(summary, provenance=PROVENANCE)
+
+    for method in ("baseline", "ip_adapter", "lora"):
+        (trace,) = traces_named(figure, method)
+        rows = summary[summary.method == method].sort_values("weight")
+        assert trace.mode == "lines+markers+text"
+        np.testing.assert_allclose(trace.x, rows["dino_mean"])
+        np.testing.assert_allclose(trace.y, rows["clip_t_mean"])
+        np.testing.assert_allclose(trace.error_x.array, rows["dino_std"])
+        np.testing.assert_allclose(trace.error_y.array, rows["clip_t_std"])
+        assert list(trace.text) == [f"{weight:g}" for weight in rows["weight"]]
+    assert traces_named(figure, "lora")[0].text == ("0.5", "1")  # joined in weight order
+    assert traces_named(figure, "baseline")[0].marker.symbol == "star"
+    assert traces_named(figure, "ip_adapter")[0].marker.symbol == "circle"
+
+
+def test_frontier_figure_draws_the_pareto_front_as_a_step_line_through_the_front_points():
+    summary = summarize(fake_scores())
+
+    (front,) = traces_named(frontier_figure(summary), "Pareto front")
+
+    on_front = summary[pareto_front(summary, "dino_mean", "clip_t_mean")]
+    assert front.line.shape == "hv"
+    assert sorted(zip(front.x, front.y)) == sorted(zip(on_front["dino_mean"], on_front["clip_t_mean"]))
+    assert list(front.x) == sorted(front.x, reverse=True)  # right to left: corners at (next x, this y)
+    assert list(front.y) == sorted(front.y)
+
+
+def test_frontier_axis_titles_name_the_metric_its_scale_and_what_it_measures():
+    figure = frontier_figure(summarize(fake_scores()), provenance=PROVENANCE)
+
+    assert figure.layout.xaxis.title.text == "DINO (cosine in [-1, 1]) — image fidelity →"
+    assert figure.layout.yaxis.title.text == "CLIP-T (cosine in [-1, 1]) — prompt fidelity →"
+    assert frontier_figure(summarize(fake_scores())).layout.xaxis.title.text == "DINO"
+
+
+def test_hover_shows_method_weight_n_and_mean_plus_minus_std():
+    summary = summarize(fake_scores())
+
+    (trace,) = traces_named(frontier_figure(summary), "ip_adapter")
+
+    row = summary[(summary.method == "ip_adapter") & (summary.weight == 0.5)].iloc[0]
+    method, weight, dino, clip_t, n = trace.customdata[1]
+    assert (method, weight, n) == ("ip_adapter", "0.5", "n = 6")
+    assert dino == f"{row.dino_mean:.3f} ± {row.dino_std:.3f}"
+    assert clip_t == f"{row.clip_t_mean:.3f} ± {row.clip_t_std:.3f}"
+    assert "%{customdata[4]}" in trace.hovertemplate
+
+
+def test_per_image_cloud_is_faint_and_grouped_with_its_method():
+    scores = fake_scores()
+
+    figure = frontier_figure(summarize(scores), scores=scores)
+
+    (cloud,) = traces_named(figure, "lora (images)")
+    assert cloud.opacity == 0.15
+    assert cloud.legendgroup == "lora" and cloud.showlegend is False
+    lora = scores[(scores.method == "lora") & (scores.metric == "dino")]
+    assert sorted(cloud.x) == sorted(lora["value"])
+    assert len(figure.data) == 3 + 1 + 3  # clouds, front, methods
+
+
+def test_frontier_html_is_self_contained(tmp_path):
+    path = write_frontier_html(frontier_figure(summarize(fake_scores())), tmp_path / "frontier.html")
+
+    html = path.read_text()
+    assert not re.search(r"<script[^>]*\ssrc=", html)  # nothing fetched: no CDN script tag
+    assert "Pareto front" in html
+    assert len(html) > 1_000_000  # plotly.js itself is inlined

@@ -1,0 +1,175 @@
+"""The study runner on tiny models: every method end to end, exact seeds, cache, stop, CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, tiny_study
+from PIL import Image
+
+from workbench.runner import read_png_metadata, run_study
+from workbench.spec import load_study, parse_study
+
+ALL_METHODS = [
+    {"kind": "baseline"},
+    {"kind": "ip_adapter", "adapter": "tiny", "weights": [0.0, 0.5, 1.0]},
+    {"kind": "lora", "path": "tiny", "weights": [0.0, 1.0]},
+    {"kind": "textual_inversion", "embedding": "tiny", "token": "<kitty>", "weights": [1.0]},
+    {"kind": "dreambooth", "checkpoint": "tiny", "weights": [1.0]},
+]
+
+
+def pixels(result, **where) -> np.ndarray:
+    (match,) = [r for r in result.results
+                if all(getattr(r.cell, k, None) == v or getattr(r, k, None) == v for k, v in where.items())]
+    return np.asarray(Image.open(match.image_path))
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_base):
+    study = parse_study(tiny_study(methods=ALL_METHODS))
+    out = tmp_path_factory.mktemp("full")
+    return run_study(study, out, loaded=tiny_base, show_progress_bar=False)
+
+
+def test_every_method_kind_writes_its_images_and_outputs(full_run):
+    study, out = full_run.study, full_run.run_dir
+    assert full_run.complete and full_run.generated == len(study.cells()) == 16
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == 16
+    assert set(cells["kind"]) == {"baseline", "ip_adapter", "lora", "textual_inversion", "dreambooth"}
+    assert {"prompt", "method", "weight", "seed", "image", "seconds"} <= set(cells.columns)
+    assert all((out / p).is_file() for p in cells["image"])
+    assert (out / "grid.png").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["models"]["base"] == {"tiny": "tiny", "version": "v1"}
+    assert manifest["libraries"]["diffusers"]
+    assert set(manifest["runs"][-1]["methods"]) == {"baseline", "ip_adapter", "lora", "textual_inversion", "dreambooth"}
+    assert all(m["seconds"] > 0 and m["peak_memory_mb"] > 0 for m in manifest["runs"][-1]["methods"].values())
+    assert manifest["models"]["methods"]["lora"]["path"]["sha256"]
+
+
+def test_png_metadata_holds_the_generation_parameters(full_run):
+    result = next(r for r in full_run.results if r.kind == "ip_adapter" and r.cell.weight == 0.5)
+    meta = read_png_metadata(result.image_path)
+    assert meta["method"] == "ip_adapter" and meta["weight"] == 0.5 and meta["seed"] == result.cell.seed
+    assert meta["prompt"] == "a photo of a cat" and meta["steps"] == 2 and meta["key"] == result.key
+    assert "Seed: " in Image.open(result.image_path).text["parameters"]
+
+
+def test_methods_change_the_image_and_weight_zero_does_not(full_run):
+    baseline = pixels(full_run, method="baseline", seed=0)
+    assert np.array_equal(pixels(full_run, method="ip_adapter", weight=0.0, seed=0), baseline)
+    for method, weight in [("ip_adapter", 0.5), ("ip_adapter", 1.0), ("lora", 1.0), ("textual_inversion", 1.0), ("dreambooth", 1.0)]:
+        assert not np.array_equal(pixels(full_run, method=method, weight=weight, seed=0), baseline), method
+    assert not np.array_equal(pixels(full_run, method="ip_adapter", weight=0.5, seed=0),
+                              pixels(full_run, method="ip_adapter", weight=1.0, seed=0))
+    assert not np.array_equal(pixels(full_run, method="baseline", seed=0), pixels(full_run, method="baseline", seed=1))
+
+
+def test_cell_alone_equals_cell_in_run(full_run, tmp_path, tiny_base):
+    alone = parse_study(tiny_study(seeds=[1], methods=[{"kind": "lora", "path": "tiny", "weights": [1.0]}]))
+    result = run_study(alone, tmp_path, loaded=tiny_base, show_progress_bar=False)
+    assert np.array_equal(pixels(result, method="lora", seed=1), pixels(full_run, method="lora", weight=1.0, seed=1))
+    assert result.results[0].key == next(r.key for r in full_run.results if r.method == "lora" and r.cell.weight == 1.0 and r.cell.seed == 1)
+
+
+def test_baseline_is_identical_after_every_method_ran(full_run, tmp_path, tiny_base):
+    # full_run generated the baseline first, then all other methods, on the same shared pipeline.
+    again = run_study(parse_study(tiny_study()), tmp_path, loaded=tiny_base, show_progress_bar=False)
+    for seed in (0, 1):
+        assert np.array_equal(pixels(again, method="baseline", seed=seed), pixels(full_run, method="baseline", seed=seed))
+
+
+def test_second_run_generates_nothing_and_a_new_weight_only_its_column(tmp_path, tiny_base):
+    data = tiny_study(methods=[{"kind": "baseline"}, {"kind": "ip_adapter", "adapter": "tiny", "weights": [0.5]}])
+    first = run_study(parse_study(data), tmp_path, loaded=tiny_base, show_progress_bar=False)
+    assert first.generated == 4
+    second = run_study(parse_study(data), tmp_path, loaded=tiny_base, show_progress_bar=False)
+    assert second.generated == 0 and second.complete
+    data["methods"][1]["weights"] = [0.5, 0.8]
+    third = run_study(parse_study(data), tmp_path, loaded=tiny_base, show_progress_bar=False)
+    assert third.generated == 2
+    assert {r.cell.weight for r in third.results if r.generated} == {0.8}
+
+
+def test_stop_keeps_finished_cells_and_a_rerun_completes(tmp_path, tiny_base):
+    study = parse_study(tiny_study(seeds=[0, 1, 2]))
+    done = []
+    result = run_study(study, tmp_path, loaded=tiny_base, show_progress_bar=False, batch_size=1,
+                       progress=lambda r, n, total: done.append(r), should_stop=lambda: len(done) >= 2)
+    assert result.stopped and result.generated == 2
+    assert len(pd.read_csv(tmp_path / "cells.csv")) == 2
+    assert not list(tmp_path.glob("images/*/*.partial"))
+    rest = run_study(study, tmp_path, loaded=tiny_base, show_progress_bar=False)
+    assert rest.generated == 1 and rest.complete
+
+
+def test_a_failing_method_leaves_the_pipeline_clean_and_keeps_finished_cells(tmp_path, tiny_base, monkeypatch):
+    from workbench.methods import lora
+
+    processors = {k: type(v) for k, v in tiny_base.pipe.unet.attn_processors.items()}
+    study = parse_study(tiny_study(methods=[{"kind": "baseline"}, {"kind": "ip_adapter", "adapter": "tiny", "weights": [0.5]},
+                                            {"kind": "lora", "path": "tiny", "weights": [1.0]}]))
+    calls = {"n": 0}
+    original = lora._LoraAttachment.call_kwargs
+
+    def fail_on_second_batch(self, weights):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return original(self, weights)
+
+    monkeypatch.setattr(lora._LoraAttachment, "call_kwargs", fail_on_second_batch)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_study(study, tmp_path, loaded=tiny_base, show_progress_bar=False)
+    assert len(pd.read_csv(tmp_path / "cells.csv")) == 5
+    assert {k: type(v) for k, v in tiny_base.pipe.unet.attn_processors.items()} == processors
+    assert not hasattr(tiny_base.pipe.unet, "peft_config") or not tiny_base.pipe.unet.peft_config
+
+
+def test_sdxl_code_path_runs_every_method(tmp_path):
+    from workbench.models import load_pipeline_uncached, LoadedBase, base_identity
+    import torch
+
+    pipe = load_pipeline_uncached("tiny-xl", dtype=torch.float32, device="cpu")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    loaded = LoadedBase(pipe, base_identity("tiny-xl"), dict(pipe.scheduler.config), "cpu", torch.float32)
+    study = parse_study(tiny_study(base="tiny-xl", seeds=[0], methods=ALL_METHODS))
+    result = run_study(study, tmp_path, loaded=loaded, show_progress_bar=False)
+    assert result.complete and result.generated == 8
+    base = pixels(result, method="baseline", seed=0)
+    assert np.array_equal(pixels(result, method="ip_adapter", weight=0.0, seed=0), base)
+    assert not np.array_equal(pixels(result, method="textual_inversion", seed=0), base)
+
+
+def test_cli_runs_the_tiny_preset_twice_generating_nothing_the_second_time(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "workbench", "run", str(REPO / "presets/tiny.yaml"), "--out", str(out)]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert first.returncode == 0, first.stderr
+    study = load_study(REPO / "presets/tiny.yaml")
+    assert f"{len(study.cells())} generated, 0 cached" in first.stdout
+    second = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert second.returncode == 0 and "0 generated" in second.stdout
+    assert (out / "grid.png").is_file() and (out / "grids/prompt_02.png").is_file()
+
+
+def test_cli_bad_preset_is_one_line_and_nonzero(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("base: tiny\nprompts: []\n")
+    done = subprocess.run([sys.executable, "-m", "workbench", "run", str(preset), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "prompts: expected a non-empty list" in done.stderr
+
+
+def test_missing_hub_model_offline_names_the_id_and_the_fix(tmp_path):
+    from workbench.errors import StudyError
+
+    study = parse_study(tiny_study(base="nobody/not-a-model"))
+    with pytest.raises(StudyError, match=r"nobody/not-a-model.*huggingface-cli download nobody/not-a-model"):
+        run_study(study, tmp_path, show_progress_bar=False)
