@@ -242,6 +242,20 @@ def test_load_backbone_returns_the_same_loaded_model_for_the_same_key():
         load_backbone("siglip", "x", None, "cpu")
 
 
+def test_a_backbone_that_cannot_be_loaded_says_what_to_do():
+    with pytest.raises(RuntimeError, match="(?s)could not load DINO workbench-test/no-such-model.*dino='tiny'"):
+        DinoBackbone("workbench-test/no-such-model")
+    with pytest.raises(RuntimeError, match="(?s)could not load CLIP ViT-B-32 no-such-tag.*'tiny'"):
+        ClipBackbone("ViT-B-32", "no-such-tag")
+
+
+def test_openai_clip_weights_are_built_with_the_quick_gelu_they_were_trained_with():
+    assert backbones_module.trained_with_quick_gelu("ViT-B-32", "openai")
+    assert backbones_module.trained_with_quick_gelu("ViT-L-14", "openai")
+    assert not backbones_module.trained_with_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")
+    assert not backbones_module.trained_with_quick_gelu("ViT-B-32", "/some/local/file.safetensors")
+
+
 def spy(calls: list, function):
     def wrapper(*args, **kwargs):
         calls.append(args[0])
@@ -252,16 +266,23 @@ def spy(calls: list, function):
 
 def test_tiny_backbones_are_saved_then_loaded_through_the_real_loaders(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
-    loaded = []
-    monkeypatch.setattr(open_clip, "create_model_and_transforms", spy(loaded, open_clip.create_model_and_transforms))
+    loaded, pretrained_files = [], []
+    create = open_clip.create_model_and_transforms
+
+    def create_spy(name, pretrained=None, **kwargs):
+        pretrained_files.append(pretrained)
+        return create(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", spy(loaded, create_spy))
     monkeypatch.setattr(ViTModel, "from_pretrained", spy(loaded, ViTModel.from_pretrained))
 
     clip, dino = ClipBackbone("ViT-B-32", "tiny"), DinoBackbone("tiny")
 
     clip_dir, dino_dir = tmp_path / "tiny-clip-v1", tmp_path / "tiny-dino-v1"
-    assert (clip_dir / "open_clip_config.json").is_file() and (clip_dir / "open_clip_model.safetensors").is_file()
+    assert (clip_dir / "workbench-tiny-clip.json").is_file() and (clip_dir / "open_clip_model.safetensors").is_file()
     assert (dino_dir / "config.json").is_file() and (dino_dir / "model.safetensors").is_file()
-    assert loaded == [f"local-dir:{clip_dir}", dino_dir]
+    assert loaded == ["workbench-tiny-clip", dino_dir]
+    assert pretrained_files == [str(clip_dir / "open_clip_model.safetensors")]
     saved = load_file(clip_dir / "open_clip_model.safetensors")
     for key, value in clip.model.state_dict().items():
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
@@ -305,3 +326,21 @@ def test_scores_are_empty_for_no_images(scorer, references):
     assert all(values.shape == (0,) for values in scores.values())
     frame = scorer.score_frame([], [], references)
     assert frame.empty and list(frame.columns) == ["prompt", "method", "weight", "seed", "metric", "value"]
+
+
+def test_a_scored_frame_summarises_and_plots(scorer, images, references):
+    from workbench.frontier import summarize
+    from workbench.plots import frontier_figure
+
+    scores = scorer.score_frame(records_for(images), images, references)
+
+    summary = summarize(scores)
+    figure = frontier_figure(summary, scores=scores, provenance=scorer.provenance())
+
+    assert summary[["method", "dino_n", "clip_t_n", "diversity_n"]].values.tolist() == [
+        ["baseline", 2, 2, 1], ["ip_adapter", 2, 2, 1], ["ip_adapter", 2, 2, 1]
+    ]
+    assert summary["on_pareto_front"].any()
+    (baseline,) = [trace for trace in figure.data if trace.name == "baseline"]
+    assert baseline.text == ("",)  # the baseline has no weight
+    assert figure.layout.xaxis.title.text == "DINO (cosine in [-1, 1]) — image fidelity →"

@@ -11,6 +11,7 @@ from conftest import REPO, tiny_study
 from PIL import Image
 
 from workbench.runner import read_png_metadata, run_study
+from workbench.tiny import TINY_VERSION
 from workbench.spec import load_study, parse_study
 
 ALL_METHODS = [
@@ -45,7 +46,7 @@ def test_every_method_kind_writes_its_images_and_outputs(full_run):
     assert all((out / p).is_file() for p in cells["image"])
     assert (out / "grid.png").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["models"]["base"] == {"tiny": "tiny", "version": "v1"}
+    assert manifest["models"]["base"] == {"tiny": "tiny", "version": TINY_VERSION}
     assert manifest["libraries"]["diffusers"]
     assert set(manifest["runs"][-1]["methods"]) == {"baseline", "ip_adapter", "lora", "textual_inversion", "dreambooth"}
     assert all(m["seconds"] > 0 and m["peak_memory_mb"] > 0 for m in manifest["runs"][-1]["methods"].values())
@@ -100,7 +101,7 @@ def test_stop_keeps_finished_cells_and_a_rerun_completes(tmp_path, tiny_base):
     study = parse_study(tiny_study(seeds=[0, 1, 2]))
     done = []
     result = run_study(study, tmp_path, loaded=tiny_base, show_progress_bar=False, batch_size=1,
-                       progress=lambda r, n, total: done.append(r), should_stop=lambda: len(done) >= 2)
+                       progress=lambda event: done.append(event.cell), should_stop=lambda: len(done) >= 2)
     assert result.stopped and result.generated == 2
     assert len(pd.read_csv(tmp_path / "cells.csv")) == 2
     assert not list(tmp_path.glob("images/*/*.partial"))
@@ -172,4 +173,13 @@ def test_missing_hub_model_offline_names_the_id_and_the_fix(tmp_path):
 
     study = parse_study(tiny_study(base="nobody/not-a-model"))
     with pytest.raises(StudyError, match=r"nobody/not-a-model.*huggingface-cli download nobody/not-a-model"):
+        run_study(study, tmp_path, show_progress_bar=False, score=False)
+
+
+def test_missing_scoring_backbone_offline_fails_before_generating(tmp_path):
+    from workbench.errors import StudyError
+
+    study = parse_study(tiny_study(base="nobody/not-a-model"))
+    with pytest.raises(StudyError, match=r"metrics: cannot load the scoring backbones ViT-B-32/openai"):
         run_study(study, tmp_path, show_progress_bar=False)
+    assert not list(tmp_path.glob("images/*/*.png"))

@@ -14,13 +14,57 @@ def _run(args) -> int:
 
     study = load_study(args.preset, max_cells=args.max_cells)
     out = Path(args.out or Path("runs") / study.name)
-    result = run_study(study, out, batch_size=args.batch_size, device=args.device)
+    result = run_study(study, out, batch_size=args.batch_size, device=args.device, score=not args.no_score,
+                       scoring=_scoring(study, args))
     cached = len(result.results) - result.generated
     print(f"{study.name}: {result.generated} generated, {cached} cached, "
           f"{len(result.results)}/{len(study.cells())} cells in {result.wall_seconds:.1f} s -> {out}")
+    _print_scores(result)
     if result.stopped:
         print("stopped: run the same command again to generate the missing cells", file=sys.stderr)
         return 130
+    return 0
+
+
+def _scoring(study, args):
+    from .scoring import ScoringSpec
+
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
+    return ScoringSpec.for_study(study, metrics=metrics, clip=args.clip)
+
+
+def _print_scores(result) -> None:
+    from .report import frontier_axes, suggestions
+
+    if result.scores is None or result.scores.empty:
+        return
+    backbones = ", ".join(f"{name}: {meta['backbone']}" for name, meta in result.provenance.items())
+    print(f"scored {len(result.results)} images in {result.scoring_seconds:.2f} s ({backbones})")
+    axes = frontier_axes(result.scores)
+    if axes is None:
+        return
+    summary = result.summary(*axes)
+    columns = ["method", "weight"] + [c for c in summary.columns if c.endswith("_mean")] + ["on_pareto_front"]
+    print(summary[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for suggestion in suggestions(summary, *axes):
+        print("suggested:", suggestion.sentence)
+
+
+def _score(args) -> int:
+    import json
+
+    from .errors import StudyError
+    from .runner import run_study
+    from .spec import parse_study
+
+    run_dir = Path(args.run_dir)
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise StudyError(f"{run_dir}: no manifest.json here; is it a run folder written by `workbench run`?")
+    study = parse_study(json.loads(manifest_path.read_text())["study"], source=str(manifest_path))
+    result = run_study(study, run_dir, generate=False, scoring=_scoring(study, args), show_progress_bar=False)
+    print(f"{study.name}: rescored {len(result.results)}/{len(study.cells())} cells -> {run_dir}")
+    _print_scores(result)
     return 0
 
 
@@ -35,10 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default: 1 on CPU, from free memory on GPU)")
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     run.add_argument("--max-cells", type=int, default=None, help="override the preset's max_cells")
+    run.add_argument("--no-score", action="store_true", help="generate only; score later with `score`")
+    score = commands.add_parser("score", help="(re)score an existing run folder without generating")
+    score.add_argument("run_dir")
+    for command in (run, score):
+        command.add_argument("--metrics", help="comma-separated, default clip_i,clip_t,dino,diversity")
+        command.add_argument("--clip", help="CLIP backbone for clip_i/clip_t: ViT-B-32 (default) or ViT-L-14")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "score":
+            return _score(args)
     except StudyError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

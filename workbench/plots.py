@@ -116,6 +116,7 @@ def _pareto_trace(summary: pd.DataFrame, x: str, y: str) -> go.Scatter:
         line_shape="hv",
         line=dict(color=FRONT_COLOR, dash="dash", width=1.5),
         name="Pareto front",
+        legendrank=2000,  # listed after the methods (default rank 1000)
         hoverinfo="skip",
     )
 
@@ -146,9 +147,10 @@ def frontier_figure(
         figure.add_trace(_method_trace(summary[summary["method"] == method], method, x, y, colors[method]))
     figure.update_layout(
         template="plotly_white",
-        title=dict(
-            text=f"{metric_label(x)} vs {metric_label(y)} by method and weight",
-            subtitle=dict(text="mean ± std over prompts and seeds; labels are weights; up and right is better"),
+        # A <sup> line rather than title.subtitle, which needs plotly >= 5.23.
+        title_text=(
+            f"{metric_label(x)} vs {metric_label(y)} by method and weight<br><sup>mean ± std over prompts and "
+            "seeds; labels are weights; up and right is better</sup>"
         ),
         xaxis_title=axis_title(x, provenance),
         yaxis_title=axis_title(y, provenance),

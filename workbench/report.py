@@ -29,11 +29,17 @@ def library_versions() -> dict:
     return versions
 
 
-def write_cells_csv(study, run_dir: Path, results) -> pd.DataFrame:
-    """cells.csv: one row per image on disk, keeping score columns already there for the same keys."""
+def write_cells_csv(study, run_dir: Path, results, scores: pd.DataFrame | None = None) -> pd.DataFrame:
+    """cells.csv: one row per image on disk, one column per per-image metric.
+
+    Without `scores`, score columns already in the file are kept for the same keys."""
     frame = pd.DataFrame([r.record(study, run_dir) for r in results])
     path = run_dir / "cells.csv"
-    if path.exists() and len(frame):
+    if scores is not None and len(frame):
+        per_image = scores.dropna(subset=["key"]).pivot_table(index="key", columns="metric", values="value",
+                                                              aggfunc="first")
+        frame = frame.merge(per_image.reset_index(), on="key", how="left")
+    elif path.exists() and len(frame):
         previous = pd.read_csv(path)
         extra = [c for c in previous.columns if c not in frame.columns]
         if extra and "key" in previous:
@@ -110,6 +116,11 @@ def write_manifest(result, loaded, *, device_type: str, base_identity: dict) -> 
         "cells_total": len(study.cells()), "cells_on_disk": len(result.results),
         "runs": previous.get("runs", []) + [run],
     }
+    if result.provenance:
+        manifest["metrics"] = result.provenance
+        generation = sum(s.seconds for s in result.stats.values())
+        run["scoring_seconds"] = round(result.scoring_seconds, 3)
+        run["scoring_to_generation_ratio"] = round(result.scoring_seconds / generation, 4) if generation else None
     path.write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 
@@ -122,9 +133,49 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def frontier_axes(scores: pd.DataFrame) -> tuple[str, str] | None:
+    """(x, y) for the frontier: DINO (else CLIP-I) against CLIP-T; None if those were not scored."""
+    metrics = set(scores["metric"])
+    x = "dino" if "dino" in metrics else "clip_i" if "clip_i" in metrics else None
+    return (x, "clip_t") if x and "clip_t" in metrics else None
+
+
+def suggestions(summary: pd.DataFrame, x: str, y: str) -> list:
+    """Per method (baseline aside): the best-y weight keeping x at least the baseline's, if any."""
+    from .frontier import suggest_weight
+
+    baseline = summary[summary["method"] == "baseline"]
+    found = []
+    for method in dict.fromkeys(summary["method"]):
+        if method == "baseline" or baseline.empty:
+            continue
+        threshold = float(baseline[f"{x}_mean"].iloc[0])
+        suggestion = suggest_weight(summary, method, x=x, y=y, min_x=threshold)
+        if suggestion is not None:
+            found.append(suggestion)
+    return found
+
+
+def write_scores(result) -> None:
+    """scores.csv (long), summary.csv (per method@weight, with the Pareto front), frontier.html."""
+    from .plots import frontier_figure, write_frontier_html
+
+    scores = result.scores
+    _atomic_csv(scores, result.run_dir / "scores.csv")
+    axes = frontier_axes(scores)
+    if axes is None:
+        return
+    summary = result.summary(*axes)
+    _atomic_csv(summary, result.run_dir / "summary.csv")
+    figure = frontier_figure(summary, x=axes[0], y=axes[1], scores=scores, provenance=result.provenance)
+    write_frontier_html(figure, result.run_dir / "frontier.html")
+
+
 def write_run_outputs(result, loaded, *, device_type: str, base_identity: dict) -> None:
-    """cells.csv, grid(s) and manifest.json for what is on disk now (also after a stop)."""
-    write_cells_csv(result.study, result.run_dir, result.results)
+    """cells.csv, grid(s), scores and manifest.json for what is on disk now (also after a stop)."""
+    write_cells_csv(result.study, result.run_dir, result.results, result.scores)
+    if result.scores is not None and not result.scores.empty:
+        write_scores(result)
     if result.results:
         for name, image in grid_images(result):
             path = result.run_dir / name

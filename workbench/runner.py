@@ -10,7 +10,10 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 import torch
 from PIL import Image
@@ -19,6 +22,7 @@ from PIL.PngImagePlugin import PngInfo
 from .methods import attached
 from .methods.lora import BaseLoras
 from .models import LoadedBase, base_identity, load_base, make_scheduler, pick_device
+from .scoring import RunScores, ScoringSpec, load_scorer
 from .spec import Cell, Study, source_key
 
 PNG_KEY = "workbench"
@@ -62,10 +66,35 @@ class RunResult:
     wall_seconds: float = 0.0
     generated: int = 0
     stopped: bool = False
+    scores: "pd.DataFrame | None" = None  # long: prompt_index, prompt, method, weight, seed, key, metric, value
+    provenance: dict = field(default_factory=dict)  # metric -> axis, direction, backbone, scale
+    scoring_seconds: float = 0.0
+
+    def summary(self, x: str = "dino", y: str = "clip_t") -> "pd.DataFrame | None":
+        """One row per method@weight with mean/std/n of each metric and `on_pareto_front` (x vs y)."""
+        from .frontier import summarize
+
+        if self.scores is None or self.scores.empty:
+            return None
+        return summarize(self.scores, x=x, y=y)
 
     @property
     def complete(self) -> bool:
         return len(self.results) == len(self.study.cells())
+
+
+@dataclass
+class ProgressEvent:
+    """What a progress callback gets after each image (cached images are reported first)."""
+
+    cell: CellResult
+    done: int
+    total: int
+    run: RunResult  # the run so far: results, scores (when scoring), stats
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
 
 
 class StopRequested(Exception):
@@ -141,17 +170,24 @@ def run_study(
     loaded: LoadedBase | None = None,
     batch_size: int | None = None,
     device: str | None = None,
-    progress: Callable[[CellResult, int, int], None] | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     show_progress_bar: bool = True,
     write_outputs: bool = True,
+    score: bool = True,
+    scoring: ScoringSpec | None = None,
+    generate: bool = True,
 ) -> RunResult:
     """Generate every missing cell of `study` into `out_dir`; cells already on disk are reused.
 
-    `progress(result, done, total)` is called after each image (cached ones first). `should_stop()`
+    `progress(event)` is called after each image (cached ones first), with the run so far. `should_stop()`
     is polled at every denoising step: when it returns True the batch in flight is dropped and the
     run returns with `stopped=True`. Finished images are on disk whatever happens, so running the
     same study again generates only what is missing. Ctrl-C behaves like Stop, then re-raises.
+
+    With `score`, every image is scored as its batch finishes (`result.scores`), with the metrics and
+    backbones of `scoring` (default: ScoringSpec.for_study). `generate=False` only (re)scores and
+    redraws what is on disk.
     """
     from . import report
 
@@ -173,6 +209,11 @@ def run_study(
         return CellResult(cell, keys[cell], study.render_prompt(cell), spec.label, spec.method.kind,
                           spec.column(cell.weight), path, seconds, generated)
 
+    run_scores = None
+    if score:
+        run_scores = RunScores(load_scorer(scoring or ScoringSpec.for_study(study), device), study, run_dir)
+        result.provenance = run_scores.scorer.provenance()
+
     missing = []
     for cell in cells:
         path = on_disk.get(keys[cell][:16])
@@ -180,8 +221,15 @@ def run_study(
             missing.append(cell)
             continue
         by_cell[cell] = describe(cell, path, float(read_png_metadata(path).get("seconds", 0.0)), False)
-        if progress:
-            progress(by_cell[cell], len(by_cell), total)
+    result.results = [by_cell[c] for c in cells if c in by_cell]
+    if run_scores is not None and result.results:
+        run_scores.add(result.results)
+        result.scores = run_scores.frame()
+    if progress:
+        for done, cached in enumerate(result.results, start=1):
+            progress(ProgressEvent(cached, done, total, result))
+    if not generate:
+        missing = []
 
     bar = None
     if show_progress_bar and missing:
@@ -206,17 +254,25 @@ def run_study(
                     with attached(spec.method, pipe, study) as attachment:
                         for batch in _batches(todo, spec.method.per_sample_weights, size):
                             images, seconds = _generate(pipe, study, batch, attachment, should_stop)
+                            finished = []
                             for cell, image in zip(batch, images):
                                 path = run_dir / "images" / _slug(spec.label) / (
                                     f"p{cell.prompt_index:02d}_w{cell.weight:g}_s{cell.seed}_{keys[cell][:16]}.png")
                                 cell_result = describe(cell, path, seconds / len(batch), True)
                                 _save_png(image, path, study, cell_result, loaded)
                                 by_cell[cell] = cell_result
+                                finished.append(cell_result)
                                 result.generated += 1
                                 if bar:
                                     bar.update(1)
+                            result.results = [by_cell[c] for c in cells if c in by_cell]
+                            if run_scores is not None:
+                                run_scores.add(finished, images)
+                                result.scores = run_scores.frame()
+                            for index, cell_result in enumerate(finished):
                                 if progress:
-                                    progress(cell_result, len(by_cell), total)
+                                    progress(ProgressEvent(cell_result, len(by_cell) - len(finished) + index + 1,
+                                                           total, result))
                             stats.images += len(batch)
                             stats.seconds += seconds
                             stats.peak_memory_mb = max(stats.peak_memory_mb, _peak_memory_mb(loaded.device))
@@ -231,6 +287,9 @@ def run_study(
             bar.close()
         result.results = [by_cell[c] for c in cells if c in by_cell]
         result.wall_seconds = time.perf_counter() - start
+        if run_scores is not None:
+            run_scores.save()
+            result.scoring_seconds = run_scores.seconds
         if write_outputs:
             report.write_run_outputs(result, loaded, device_type=device_type, base_identity=identity)
     if interrupted is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 TINY_BASES = ("tiny", "tiny-xl")
 CLIP_VOCAB_SIZE = 49408
 
@@ -106,7 +106,8 @@ def _scheduler():
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ..models import pick_device
-from ..tiny import _build_once
+from ..tiny import TINY_VERSION, _build_once
 
 TINY = "tiny"
 
@@ -28,6 +28,8 @@ TINY_CLIP_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+TINY_CLIP_NAME = "workbench-tiny-clip"  # its open_clip model name once registered
+TINY_CLIP_WEIGHTS = "open_clip_model.safetensors"
 TINY_DINO_CONFIG = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=224, patch_size=16
 )
@@ -69,13 +71,21 @@ def _write_tiny_clip(folder: Path) -> None:
     with torch.random.fork_rng(devices=[]):  # a fixed seed without moving the caller's RNG
         torch.manual_seed(TINY_SEED)
         model = open_clip.CLIP(**TINY_CLIP_CONFIG)
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    (folder / f"{TINY_CLIP_NAME}.json").write_text(json.dumps(TINY_CLIP_CONFIG, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / TINY_CLIP_WEIGHTS)
 
 
 def tiny_clip_dir() -> Path:
-    """Folder of the tiny CLIP (open_clip `local-dir:` layout), built on first use and reused after."""
+    """Folder of the tiny CLIP (its open_clip model config and weights), built once and reused after."""
     return _build_once("tiny-clip", _write_tiny_clip)
+
+
+def _register_tiny_clip_config(folder: Path) -> None:
+    """Add the tiny config to open_clip's model configs once, the way open_clip adds any model."""
+    import open_clip
+
+    if TINY_CLIP_NAME not in open_clip.list_models():
+        open_clip.add_model_config(folder / f"{TINY_CLIP_NAME}.json")
 
 
 def _write_tiny_dino(folder: Path) -> None:
@@ -92,6 +102,21 @@ def tiny_dino_dir() -> Path:
     return _build_once("tiny-dino", _write_tiny_dino)
 
 
+def _unloadable(what: str, offline_choice: str, error: Exception) -> str:
+    return (
+        f"could not load {what}: {str(error).rstrip('.')}. Without network its weights must already be in the "
+        f"Hugging Face cache (download them once on a machine with network); for the tiny offline model use "
+        f"{offline_choice}"
+    )
+
+
+def trained_with_quick_gelu(name: str, pretrained: str) -> bool:
+    """Whether open_clip's record of these weights says QuickGELU (OpenAI's CLIPs were trained with it)."""
+    import open_clip
+
+    return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+
+
 class ClipBackbone:
     """open_clip model: images and texts into one space; rows are L2-normalised, D = embed_dim."""
 
@@ -100,16 +125,22 @@ class ClipBackbone:
 
         self.device = torch.device(device)
         if pretrained == TINY:
-            # open_clip's local-dir schema reads config and weights from one folder, so the tiny
-            # model needs no entry in open_clip's global config registry.
-            source, weights = f"local-dir:{tiny_clip_dir()}", None
-            self.description = "open_clip tiny random-weight CLIP (tiny-clip-v1)"
+            folder = tiny_clip_dir()
+            _register_tiny_clip_config(folder)
+            source, weights = TINY_CLIP_NAME, str(folder / TINY_CLIP_WEIGHTS)
+            self.description = f"open_clip tiny random-weight CLIP (tiny-clip-{TINY_VERSION})"
         else:
             source, weights = name, pretrained
             self.description = f"open_clip {name} {pretrained}"
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            source, pretrained=weights, device=self.device
-        )
+        try:
+            # open_clip builds "ViT-B-32" with plain GELU and only warns when the weights were
+            # trained with QuickGELU ("openai"); the embeddings would then be subtly wrong.
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                source, pretrained=weights, device=self.device,
+                force_quick_gelu=pretrained != TINY and trained_with_quick_gelu(name, pretrained),
+            )
+        except (OSError, RuntimeError) as error:
+            raise RuntimeError(_unloadable(f"CLIP {name} {pretrained}", "clip=('ViT-B-32', 'tiny')", error)) from error
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(source)
 
@@ -149,12 +180,15 @@ class DinoBackbone:
         from transformers import ViTModel
 
         self.device = torch.device(device)
-        source = tiny_dino_dir() if model_id == TINY else model_id
-        self.description = "transformers tiny random-weight ViT (tiny-dino-v1)" if model_id == TINY else (
-            f"transformers {model_id}"
-        )
-        # The DINO checkpoints carry no pooler; the CLS token is read from last_hidden_state.
-        self.model = ViTModel.from_pretrained(source, add_pooling_layer=False).to(self.device).eval()
+        if model_id == TINY:
+            source, self.description = tiny_dino_dir(), f"transformers tiny random-weight ViT (tiny-dino-{TINY_VERSION})"
+        else:
+            source, self.description = model_id, f"transformers {model_id}"
+        try:
+            # The DINO checkpoints carry no pooler; the CLS token is read from last_hidden_state.
+            self.model = ViTModel.from_pretrained(source, add_pooling_layer=False).to(self.device).eval()
+        except OSError as error:
+            raise RuntimeError(_unloadable(f"DINO {model_id}", "dino='tiny'", error)) from error
         self.preprocess = dino_preprocess()
 
     def _cls_token(self, pixel_values: torch.Tensor) -> torch.Tensor:
