@@ -21,6 +21,7 @@ from workbench.metrics import available_metrics, get_metric, load_backbone
 from workbench.metrics import backbones as backbones_module
 from workbench.metrics.backbones import ClipBackbone, DinoBackbone
 from workbench.metrics.scorer import Scorer
+from workbench.tiny import TINY_VERSION
 
 PROMPTS = ["a photo of a dog", "a dog on the beach", "a watercolor painting of a dog", "a dog in space", "a dog", "x"]
 
@@ -229,7 +230,7 @@ def test_provenance_says_how_to_read_each_metric(scorer):
     assert provenance["clip_t"]["axis"] == "prompt_fidelity"
     assert provenance["dino"] == {
         "axis": "image_fidelity", "direction": "higher is better",
-        "backbone": "transformers tiny random-weight ViT (tiny-dino-v1)", "scale": "cosine in [-1, 1]",
+        "backbone": f"transformers tiny random-weight ViT (tiny-dino-{TINY_VERSION})", "scale": "cosine in [-1, 1]",
     }
     assert provenance["clip_i"]["backbone"].startswith("open_clip tiny")
 
@@ -278,7 +279,7 @@ def test_tiny_backbones_are_saved_then_loaded_through_the_real_loaders(tmp_path,
 
     clip, dino = ClipBackbone("ViT-B-32", "tiny"), DinoBackbone("tiny")
 
-    clip_dir, dino_dir = tmp_path / "tiny-clip-v1", tmp_path / "tiny-dino-v1"
+    clip_dir, dino_dir = tmp_path / f"tiny-clip-{TINY_VERSION}", tmp_path / f"tiny-dino-{TINY_VERSION}"
     assert (clip_dir / "workbench-tiny-clip.json").is_file() and (clip_dir / "open_clip_model.safetensors").is_file()
     assert (dino_dir / "config.json").is_file() and (dino_dir / "model.safetensors").is_file()
     assert loaded == ["workbench-tiny-clip", dino_dir]

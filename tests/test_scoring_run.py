@@ -1,0 +1,104 @@
+"""Scores written by a run, and rescoring a run folder without generating."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, tiny_study
+
+from workbench.runner import run_study
+from workbench.scoring import RunScores, ScoringSpec, load_scorer
+from workbench.spec import parse_study
+
+METHODS = [{"kind": "baseline"}, {"kind": "ip_adapter", "adapter": "tiny", "weights": [0.5, 1.0]},
+           {"kind": "lora", "path": "tiny", "weights": [1.0]}]
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, tiny_base):
+    study = parse_study(tiny_study(prompts=["a photo of a {subject} {class}", "a {subject} {class} in the snow"],
+                                   methods=METHODS))
+    return run_study(study, tmp_path_factory.mktemp("scored"), loaded=tiny_base, show_progress_bar=False)
+
+
+def test_run_writes_per_image_scores_summary_and_frontier(scored_run):
+    out = scored_run.run_dir
+    cells = pd.read_csv(out / "cells.csv")
+    assert {"clip_i", "clip_t", "dino"} <= set(cells.columns)
+    assert cells[["clip_i", "clip_t", "dino"]].notna().all().all()
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(zip(summary["method"], summary["weight"])) == [("baseline", 0.0), ("ip_adapter", 0.5),
+                                                                ("ip_adapter", 1.0), ("lora", 1.0)]
+    assert (summary["dino_n"] == 4).all() and (summary["diversity_n"] == 2).all()
+    assert summary["on_pareto_front"].any()
+    html = (out / "frontier.html").read_text()
+    assert "Pareto front" in html and "plotly" in html.lower()
+    scores = pd.read_csv(out / "scores.csv")
+    assert set(scores["metric"]) == {"clip_i", "clip_t", "dino", "diversity"}
+
+
+def test_cells_csv_scores_equal_the_metric_on_the_saved_image(scored_run, tiny_base):
+    from PIL import Image
+
+    from workbench.images import load_image
+
+    scorer = load_scorer(ScoringSpec.for_study(scored_run.study))
+    cells = pd.read_csv(scored_run.run_dir / "cells.csv")
+    row = cells.iloc[3]
+    image = Image.open(scored_run.run_dir / row["image"]).convert("RGB")
+    reference = load_image(scored_run.study.subject.reference_images[0])
+    scores = scorer.score_images([image], [row["scoring_prompt"]], scorer.embed_references([reference]))
+    for metric in ("clip_i", "clip_t", "dino"):
+        assert scores[metric].item() == pytest.approx(row[metric], abs=1e-5)
+    assert "sks" not in row["scoring_prompt"]
+
+
+def test_progress_events_carry_the_scores_so_far(tmp_path, tiny_base):
+    study = parse_study(tiny_study(methods=METHODS[:2]))
+    seen = []
+    run_study(study, tmp_path, loaded=tiny_base, show_progress_bar=False,
+              progress=lambda event: seen.append(len(event.run.scores.dropna(subset=["key"])) // 3))
+    assert seen == [1, 2, 3, 4, 5, 6]
+
+
+def test_rescoring_reuses_cached_embeddings(scored_run, monkeypatch):
+    scorer = load_scorer(ScoringSpec.for_study(scored_run.study))
+    calls = []
+    original = scorer.embed_images
+    monkeypatch.setattr(scorer, "embed_images", lambda images, prompts: calls.append(len(images)) or original(images, prompts))
+    again = RunScores(scorer, scored_run.study, scored_run.run_dir)
+    again.add(scored_run.results)
+    assert calls == []
+    pd.testing.assert_frame_equal(again.frame().reset_index(drop=True), scored_run.scores.reset_index(drop=True))
+
+
+def test_score_cli_rescores_without_generating(scored_run):
+    out = scored_run.run_dir
+    images = sorted(out.glob("images/*/*.png"))
+    mtimes = [p.stat().st_mtime_ns for p in images]
+    (out / "summary.csv").unlink()
+    (out / "frontier.html").unlink()
+    done = subprocess.run([sys.executable, "-m", "workbench", "score", str(out), "--metrics", "clip_i,clip_t,dino"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "rescored 16/16 cells" in done.stdout and "suggested:" in done.stdout
+    assert (out / "summary.csv").is_file() and (out / "frontier.html").is_file()
+    assert [p.stat().st_mtime_ns for p in sorted(out.glob("images/*/*.png"))] == mtimes
+    assert "diversity_mean" not in pd.read_csv(out / "summary.csv").columns
+
+
+def test_score_cli_on_a_folder_that_is_not_a_run(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "workbench", "score", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2 and "no manifest.json" in done.stderr
+
+
+def test_unknown_metric_is_refused_before_generating(tmp_path, tiny_base):
+    from workbench.errors import StudyError
+
+    study = parse_study(tiny_study())
+    with pytest.raises(StudyError, match=r"metrics: unknown metric 'fid'"):
+        run_study(study, tmp_path, loaded=tiny_base, scoring=ScoringSpec(("fid",)), show_progress_bar=False)
+    assert not list(tmp_path.glob("images/*/*.png"))
