@@ -183,3 +183,21 @@ def test_missing_scoring_backbone_offline_fails_before_generating(tmp_path):
     with pytest.raises(StudyError, match=r"metrics: cannot load the scoring backbones ViT-B-32/openai"):
         run_study(study, tmp_path, show_progress_bar=False)
     assert not list(tmp_path.glob("images/*/*.png"))
+
+
+@pytest.mark.parametrize("xl", [False, True])
+def test_single_file_checkpoint_offline_says_which_configs_to_fetch(tmp_path, xl):
+    import torch
+    from safetensors.torch import save_file
+
+    from workbench.errors import StudyError
+
+    keys = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}
+    if xl:
+        keys["conditioner.embedders.1.model.ln_final.weight"] = torch.zeros(4)
+    checkpoint = tmp_path / "my_model.safetensors"
+    save_file(keys, checkpoint)
+    study = parse_study(tiny_study(base=str(checkpoint)))
+    expected = "stabilityai/stable-diffusion-xl-base-1.0" if xl else "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    with pytest.raises(StudyError, match=rf"my_model\.safetensors is a single-file checkpoint.*download {expected}"):
+        run_study(study, tmp_path / "run", show_progress_bar=False, score=False)

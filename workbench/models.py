@@ -21,6 +21,11 @@ SCHEDULER_CLASSES = {
 }
 
 
+# The repos whose configs from_single_file reads to build a pipeline around a single checkpoint file.
+SD15_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_CONFIG_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
 @dataclass(frozen=True)
 class LoadedBase:
     """A loaded base pipeline plus what the study runner needs to use it without mutating defaults."""
@@ -97,6 +102,13 @@ def load_pipeline_uncached(source: WeightSource | str, *, dtype: torch.dtype, de
         else:
             pipe = DiffusionPipeline.from_pretrained(source.repo, revision=source.revision, dtype=dtype)
     except (OSError, EnvironmentError, ValueError) as error:
+        single_file = not isinstance(source, str) and source.local_file is not None
+        if single_file and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+            kind = SDXL_CONFIG_REPO if _is_sdxl_single_file(source.local_file) else SD15_CONFIG_REPO
+            raise StudyError(
+                f"{field}: {source.local_file.name} is a single-file checkpoint; diffusers' from_single_file needs the "
+                f"configs of {kind} in the local Hugging Face cache, and HF_HUB_OFFLINE is set. On a machine with "
+                f"network run `huggingface-cli download {kind} --include '*.json' '*.txt'` once") from None
         local = not isinstance(source, str) and source.is_local
         if local or isinstance(source, str):
             raise StudyError(f"{field}: cannot load {getattr(source, 'repo', source)}: {str(error).splitlines()[0]}") from None
