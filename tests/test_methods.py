@@ -82,3 +82,25 @@ def test_study_loras_stack_with_a_subject_lora_and_unload(tiny_base, tmp_path):
     with_lora = np.asarray(Image.open(result.results[0].image_path))
     without = np.asarray(Image.open(plain.results[0].image_path))
     assert not np.array_equal(with_lora, without)
+
+
+def test_instantstyle_block_scales_apply_only_to_the_named_blocks(tiny_base, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from workbench.runner import run_study
+
+    def image(method):
+        study = parse_study(tiny_study(seeds=[0], methods=[method]))
+        result = run_study(study, tmp_path / str(len(list(tmp_path.iterdir()))), loaded=tiny_base,
+                           show_progress_bar=False, score=False)
+        return np.asarray(Image.open(result.results[0].image_path))
+
+    plain = image({"kind": "ip_adapter", "adapter": "tiny", "weights": [1.0]})
+    up_only = image({"kind": "ip_adapter", "adapter": "tiny", "weights": [1.0],
+                     "block_scales": {"up": {"block_0": [1.0, 1.0]}}})
+    nowhere = image({"kind": "ip_adapter", "adapter": "tiny", "weights": [1.0],
+                     "block_scales": {"up": {"block_0": [0.0, 0.0]}}})
+    baseline = image({"kind": "baseline"})
+    assert not np.array_equal(up_only, plain) and not np.array_equal(up_only, baseline)
+    assert np.array_equal(nowhere, baseline)
