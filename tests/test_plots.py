@@ -51,7 +51,8 @@ def test_frontier_figure_has_one_trace_per_method_with_std_error_bars_and_weight
         np.testing.assert_allclose(trace.y, rows["clip_t_mean"])
         np.testing.assert_allclose(trace.error_x.array, rows["dino_std"])
         np.testing.assert_allclose(trace.error_y.array, rows["clip_t_std"])
-        assert list(trace.text) == [f"{weight:g}" for weight in rows["weight"]]
+        labels = ["" if method == "baseline" else f"{weight:g}" for weight in rows["weight"]]
+        assert list(trace.text) == labels  # the baseline has no weight to show
     assert traces_named(figure, "lora")[0].text == ("0.5", "1")  # joined in weight order
     assert traces_named(figure, "baseline")[0].marker.symbol == "star"
     assert traces_named(figure, "ip_adapter")[0].marker.symbol == "circle"

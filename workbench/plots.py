@@ -64,7 +64,7 @@ def _method_trace(rows: pd.DataFrame, method: str, x: str, y: str, color: str) -
         mode="lines+markers+text",
         name=method,
         legendgroup=method,
-        text=[_weight_text(weight) for weight in rows["weight"]],
+        text=["" if baseline else _weight_text(weight) for weight in rows["weight"]],
         textposition="top right",
         textfont=dict(color=color, size=11),
         marker=dict(symbol="star" if baseline else "circle", size=18 if baseline else 9, color=color,
@@ -100,7 +100,9 @@ def _image_cloud_trace(scores: pd.DataFrame, method: str, x: str, y: str, color:
         customdata=np.column_stack([
             per_image["prompt"].astype(str), [_weight_text(w) for w in per_image["weight"]], per_image["seed"]
         ]),
-        hovertemplate=f"{method} @ weight %{{customdata[1]}}, seed %{{customdata[2]}}<br>%{{customdata[0]}}<extra></extra>",
+        hovertemplate=(
+            f"{method} @ weight %{{customdata[1]}}, seed %{{customdata[2]}}<br>%{{customdata[0]}}<extra></extra>"
+        ),
     )
 
 

@@ -120,7 +120,7 @@ class RunScores:
                   for name, values in self.scorer.score_embedded(stacked, self.references).items()]
         group_rows = []
         for metric in self.scorer.group_metrics:
-            for (prompt_index, method, weight), group in cells.groupby(["prompt_index", "method", "weight"], sort=False):
+            for (prompt_index, method, weight), group in cells.groupby(["prompt_index", "method", "weight"], sort=False, dropna=False):
                 subset = {kind: rows[group.index.to_list()] for kind, rows in stacked.items()}
                 group_rows.append({"prompt_index": prompt_index, "prompt": group["prompt"].iloc[0], "method": method,
                                    "weight": weight, "seed": None, "key": None, "metric": metric.name,

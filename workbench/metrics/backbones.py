@@ -181,7 +181,8 @@ class DinoBackbone:
 
         self.device = torch.device(device)
         if model_id == TINY:
-            source, self.description = tiny_dino_dir(), f"transformers tiny random-weight ViT (tiny-dino-{TINY_VERSION})"
+            source = tiny_dino_dir()
+            self.description = f"transformers tiny random-weight ViT (tiny-dino-{TINY_VERSION})"
         else:
             source, self.description = model_id, f"transformers {model_id}"
         try:
