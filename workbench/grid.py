@@ -42,11 +42,12 @@ def make_grid(
     """Draw a grid.
 
     `groups` is a list of (prompt, row_labels, images) where images[row][column] may be None
-    (a cell not generated yet, drawn as an empty box). Cells are square thumbnails of side
-    `cell_size` (default: the first image's width, at most 384 and at least 96).
+    (a cell not generated yet, drawn as an empty box). Cells are `cell_size` wide (default: the
+    first image's width, at most 384 and at least 96) and keep the images' aspect ratio.
     """
     first = next((im for _, _, rows in groups for row in rows for im in row if im is not None), None)
     size = cell_size or max(96, min(384, first.width if first else 256))
+    height_of_cell = round(size * first.height / first.width) if first else size  # keep the aspect ratio
     gap = max(2, size // 64)
     font_size = max(12, size // 14)
     font, small, bold = _font(font_size), _font(max(10, int(font_size * 0.85))), _font(int(font_size * 1.15))
@@ -58,7 +59,7 @@ def make_grid(
     chars = max(20, int((len(columns) * (size + gap)) / (font_size * 0.55)))
     wrapped = [textwrap.wrap(prompt, chars)[:2] or [""] for prompt, _, _ in groups]
     band_heights = [band + (len(lines) - 1) * int(font_size * 1.3) for lines in wrapped]
-    body = sum(h + len(rows) * (size + gap) for h, (_, rows, _) in zip(band_heights, groups))
+    body = sum(h + len(rows) * (height_of_cell + gap) for h, (_, rows, _) in zip(band_heights, groups))
     width = left + len(columns) * (size + gap) + gap
     height = header + body + gap
     if references:
@@ -91,13 +92,14 @@ def make_grid(
             draw.text((left, y + gap + line_index * int(font_size * 1.3)), line, fill=INK, font=font)
         y += band_height
         for row_label, row in zip(row_labels, rows):
-            draw.text((reference_width + gap, y + size // 2 - font_size // 2), _fit(draw, row_label, font, row_label_width - 2 * gap), fill=INK, font=font)
+            draw.text((reference_width + gap, y + height_of_cell // 2 - font_size // 2), _fit(draw, row_label, font, row_label_width - 2 * gap), fill=INK, font=font)
             for index, image in enumerate(row):
                 x = left + index * (size + gap)
                 if image is None:
-                    draw.rectangle([x, y, x + size - 1, y + size - 1], outline=MUTED)
+                    draw.rectangle([x, y, x + size - 1, y + height_of_cell - 1], outline=MUTED)
                     continue
-                thumb = image if image.size == (size, size) else image.resize((size, size), Image.LANCZOS)
+                cell = (size, height_of_cell)
+                thumb = image if image.size == cell else image.resize(cell, Image.LANCZOS)
                 canvas.paste(thumb, (x, y))
-            y += size + gap
+            y += height_of_cell + gap
     return canvas
