@@ -90,8 +90,8 @@ class _TextualInversionAttachment:
                                                  token=self.token, tokenizer=tokenizer, text_encoder=encoder)
             except ValueError as error:
                 raise StudyError(f"textual_inversion: {error}") from None
-            self.loaded.append((tokenizer, encoder))
             ids = list(range(before, len(tokenizer)))
+            self.loaded.append((tokenizer, encoder, tokenizer.convert_ids_to_tokens(ids)))
             self.rows.append((encoder, ids, encoder.get_input_embeddings().weight.data[ids].clone()))
 
     def call_kwargs(self, weights):
@@ -103,8 +103,6 @@ class _TextualInversionAttachment:
         return {}
 
     def release(self):
-        for tokenizer, encoder in self.loaded:
-            tokens = [tokenizer.convert_ids_to_tokens(i) for i in range(len(tokenizer))
-                      if i >= tokenizer.vocab_size]
+        for tokenizer, encoder, tokens in self.loaded:  # only the tokens this attachment added
             self.pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=encoder)
         self.loaded, self.rows = [], []
