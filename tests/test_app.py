@@ -1,0 +1,305 @@
+"""The Gradio app: form <-> study, uploads, public mode, the shared GPU queue, stop, failure, export, /run."""
+
+import importlib.machinery
+import io
+import json
+import re
+import socket
+import struct
+import sys
+import types
+import zipfile
+import zlib
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO, tiny_study
+from PIL import Image
+
+from workbench import ui
+from workbench.errors import StudyError
+from workbench.export import saved_study, unzip_run, zip_run
+from workbench.runner import RunResult, run_study
+from workbench.spec import load_study, parse_study
+
+
+def run_job(data: dict, run_dir: Path, stop_after: int | None = None) -> tuple[list, RunResult | None]:
+    """Drain ui.job_events; press Stop (the stop file) after `stop_after` progress events."""
+    events, result = [], None
+    for item in ui.job_events(data, str(run_dir), score=False, tick=0.05):
+        if isinstance(item, RunResult):
+            result = item
+        elif item is not None:
+            events.append(item)
+            if stop_after is not None and len(events) == stop_after:
+                ui.request_stop(str(run_dir))
+    return events, result
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, tiny_base):
+    """baseline + lora@{0.5, 1} x 2 seeds, scored, on disk."""
+    study = parse_study(tiny_study(methods=[{"kind": "baseline"}, {"kind": "lora", "path": "tiny", "weights": [0.5, 1.0]}]))
+    return run_study(study, tmp_path_factory.mktemp("scored"), loaded=tiny_base, show_progress_bar=False)
+
+
+# ---------------------------------------------------------------- form and presets
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "presets").glob("*.yaml")))
+def test_every_preset_fills_the_form_and_reads_back_as_the_same_study(preset):
+    data, references = ui._preset_data(REPO / "presets" / preset)
+    with gr.Blocks():
+        form = ui.Form(ui.discover_models(REPO / "models"), public=False)
+    values = form.fill(data)
+    assert values[form.notes] == ""  # the form shows every detail of every shipped preset
+    again = parse_study(form.read(values, references), base_dir=REPO).to_dict()
+    original = parse_study(data, base_dir=REPO / "presets").to_dict()
+    assert {**again, "description": ""} == {**original, "description": ""}
+
+
+def test_weights_and_seeds_are_parsed_with_the_field_named():
+    assert ui.parse_numbers("0.3, 0.5 0.7;1", "IP-Adapter weights") == [0.3, 0.5, 0.7, 1.0]
+    assert ui.parse_numbers("0 1 2", "seeds", int) == [0, 1, 2]
+    with pytest.raises(StudyError, match=r"IP-Adapter weights: 'high' is not a number"):
+        ui.parse_numbers("0.3, high", "IP-Adapter weights")
+    with pytest.raises(StudyError, match=r"seeds: '1.5' is not a whole number"):
+        ui.parse_numbers("1.5", "seeds", int)
+
+
+def test_study_errors_reach_the_user_as_gr_error():
+    @ui._user_errors
+    def fails():
+        raise StudyError("seeds: expected a list of integers")
+
+    with pytest.raises(gr.Error, match="seeds: expected a list of integers"):
+        fails()
+
+
+# ---------------------------------------------------------------- uploads
+
+
+def png_bytes(image: Image.Image, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **save)
+    return buffer.getvalue()
+
+
+def with_png_size(data: bytes, width: int, height: int) -> bytes:
+    """The same PNG with another size in its header (and a valid CRC): a decompression-bomb probe."""
+    header = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return data[:12] + header + struct.pack(">I", zlib.crc32(header)) + data[33:]
+
+
+def test_bad_uploads_are_refused_by_name(tmp_path):
+    cat = Image.open(REPO / "assets/chelsea.png")
+    cases = {
+        "corrupt.png": (png_bytes(cat)[:400], "corrupt or truncated"),
+        "huge.png": (with_png_size(png_bytes(cat), 8_000, 6_000), "48 MP"),
+        "bomb.png": (with_png_size(png_bytes(cat), 20_000, 20_000), "decompression bomb"),
+        "notes.png": (b"these are not pixels", "not an image"),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(StudyError, match=rf"reference image {name}: .*{message}"):
+            ui.normalize_reference(path, tmp_path / "refs", f"reference image {name}")
+
+
+def test_odd_uploads_become_upright_8bit_rgb_pngs(tmp_path):
+    refs = tmp_path / "refs"
+    sixteen = Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)  # mode I;16
+    (tmp_path / "16bit.png").write_bytes(png_bytes(sixteen))
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 0))
+    (tmp_path / "rgba.png").write_bytes(png_bytes(rgba))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    Image.new("RGB", (60, 20), (0, 128, 255)).save(tmp_path / "rotated.jpg", exif=exif)
+
+    converted = {name: Image.open(ui.normalize_reference(tmp_path / name, refs, name))
+                 for name in ("16bit.png", "rgba.png", "rotated.jpg")}
+    assert all(image.mode == "RGB" and image.format == "PNG" for image in converted.values())
+    assert converted["16bit.png"].size == (64, 48)
+    assert converted["rgba.png"].getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert converted["rotated.jpg"].size == (20, 60)  # EXIF orientation applied
+
+
+# ---------------------------------------------------------------- public mode
+
+
+def test_public_mode_takes_only_allow_listed_models_and_no_typed_paths(tmp_path):
+    choices = ui.discover_models(tmp_path / "no-models")
+    ok = tiny_study(methods=[{"kind": "lora", "path": "tiny", "weights": [1.0]}], max_cells=500)
+    ok["subject"]["reference_images"] = ["assets/chelsea.png"]
+    assert ui.check_public(ok, choices)["max_cells"] == ui.PUBLIC_MAX_CELLS
+    refused = {
+        "base": {**ok, "base": "/etc/passwd.safetensors"},
+        "lora[0].path": {**ok, "lora": [{"path": "https://example.com/x.safetensors"}]},
+        "methods[0].path": {**ok, "methods": [{"kind": "lora", "path": str(tmp_path / "x.safetensors")}]},
+        "subject.reference_images[0]": {**ok, "subject": {"reference_images": ["/etc/hosts"]}},
+        "steps": {**ok, "steps": 500},
+    }
+    for field, data in refused.items():
+        with pytest.raises(StudyError, match=re.escape(field)):
+            ui.check_public(data, choices)
+    uploaded = str(tmp_path / "upload.png")
+    ui.check_public({**ok, "subject": {"reference_images": [uploaded]}}, choices, {uploaded})
+
+
+def test_public_launch_caps_upload_size_and_serves_only_its_folders(tmp_path):
+    options = ui.launch_options(ui.AppConfig(public=True, runs_dir=tmp_path))
+    assert options["max_file_size"] == "10mb"
+    assert options["allowed_paths"] == [str(tmp_path), str(ui.ASSETS)]
+    assert ui.default_config(public=True).public
+
+
+# ---------------------------------------------------------------- the GPU queue and ZeroGPU
+
+
+def test_every_generate_event_shares_one_gpu_queue_of_one(tmp_path):
+    demo = ui.build_app(ui.AppConfig(preset=ui.TINY_PRESET, runs_dir=tmp_path, queue_size=7))
+    gpu = [fn for fn in demo.fns.values() if fn.concurrency_id == "gpu"]
+    assert {fn.name for fn in gpu} == {"run_job", "api_run"}
+    assert all(fn.concurrency_limit == 1 for fn in gpu)
+    assert demo._queue.max_size == 7
+    named = [fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"]
+    assert named == ["run"]
+
+
+def test_zero_gpu_gets_one_call_per_grid_with_a_duration_from_its_size(monkeypatch):
+    small = tiny_study(size=64, steps=4)
+    big = tiny_study(size=512, steps=30, seeds=list(range(8)), methods=[{"kind": "lora", "path": "tiny",
+                                                                           "weights": [0.5, 1.0]}])
+    assert 0 < ui.gpu_seconds(small, "run") < ui.gpu_seconds(big, "run") <= ui.GPU_MAX_SECONDS
+    assert ui._on_gpu(ui.job_events) is ui.job_events  # no `spaces` package here: plain call
+
+    calls = []
+    spaces = types.ModuleType("spaces")
+    spaces.__spec__ = importlib.machinery.ModuleSpec("spaces", None)
+    spaces.GPU = lambda duration: (calls.append(duration), lambda fn: ("gpu", fn))[1]
+    monkeypatch.setitem(sys.modules, "spaces", spaces)
+    assert ui._on_gpu(ui.job_events) == ("gpu", ui.job_events)
+    assert calls == [ui.gpu_seconds]
+
+
+# ---------------------------------------------------------------- stop, failure, continue
+
+
+def test_stop_keeps_finished_cells_and_generate_again_makes_only_the_missing(tmp_path):
+    data = tiny_study(seeds=[0, 1, 2, 3], steps=3)
+    events, stopped = run_job(data, tmp_path, stop_after=1)
+    assert stopped.stopped and 1 <= len(stopped.results) < 4
+    assert len(list((tmp_path / "images").rglob("*.png"))) == len(stopped.results)
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "cells.csv").is_file()
+
+    (tmp_path / ui.STOP_FILE).unlink()  # what Generate does before queueing the next job
+    _, resumed = run_job(data, tmp_path)
+    assert resumed.complete and not resumed.stopped
+    assert resumed.generated == 4 - len(stopped.results)
+
+
+def test_a_failing_job_keeps_what_it_generated(tmp_path):
+    broken = tmp_path / "broken-dreambooth"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    data = tiny_study(methods=[{"kind": "baseline"}, {"kind": "dreambooth", "checkpoint": str(broken)}])
+    run_dir = tmp_path / "run"
+    with pytest.raises(StudyError, match="dreambooth.checkpoint: cannot load"):
+        run_job(data, run_dir)
+    views = ui.disk_views(run_dir, "dino")
+    assert views.grid is not None and views.columns == ["baseline"]
+    assert len(list((run_dir / "images").rglob("*.png"))) == 2
+
+
+# ---------------------------------------------------------------- views, export, load back
+
+
+def test_views_of_a_run_folder_show_scores_and_open_a_clicked_column(scored_run):
+    run_dir = scored_run.run_dir
+    views = ui.disk_views(run_dir, "dino")
+    assert list(views.table["method@weight"]) == ["baseline", "lora@0.5", "lora@1"]
+    assert {"DINO", "CLIP-I", "CLIP-T", "front"} <= set(views.table.columns)
+    assert views.figure is not None and views.columns == ["baseline", "lora@0.5", "lora@1"]
+    assert ui.disk_views(run_dir, "clip_i").figure.layout.xaxis.title.text.startswith("CLIP-I")
+    assert ui.column_for_click(run_dir, "lora|0.5|17") == "lora@0.5"
+    assert ui.column_for_click(run_dir, "baseline|0") == "baseline"
+    items, caption = ui.column_detail(run_dir, "lora@1")
+    assert len(items) == 2 and all(Path(path).is_file() for path, _ in items)
+    assert "seed 1" in items[1][1] and "DINO" in items[1][1] and caption.startswith("`lora@1` — 2 images")
+
+
+def test_the_run_zip_holds_everything_and_loads_back_to_continue(scored_run, tmp_path, tiny_base):
+    archive = zip_run(scored_run.run_dir, tmp_path / "run.zip")
+    names = set(zipfile.ZipFile(archive).namelist())
+    assert {"grid.png", "cells.csv", "summary.csv", "scores.csv", "frontier.html", "manifest.json",
+            "study.yaml"} <= names
+    assert sum(name.startswith("images/") and name.endswith(".png") for name in names) == 6
+    assert any(name.startswith("references/") for name in names)
+
+    loaded = unzip_run(archive, tmp_path / "loaded")
+    data = saved_study(loaded)
+    assert data["methods"][1]["path"] == "tiny" and data["subject"]["reference_images"][0].startswith("references/")
+    study = parse_study(data, base_dir=loaded)
+    again = run_study(study, loaded, loaded=tiny_base, show_progress_bar=False, score=False)
+    assert again.complete and again.generated == 0  # every cell came back from the zip
+
+
+def test_a_zip_reaching_outside_its_folder_is_refused(tmp_path):
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as archive:
+        archive.writestr("manifest.json", "{}")
+        archive.writestr("../outside.png", b"x")
+    with pytest.raises(StudyError, match="unexpected entry '../outside.png'"):
+        unzip_run(evil, tmp_path / "dest")
+    assert not (tmp_path / "outside.png").exists()
+
+
+# ---------------------------------------------------------------- Spaces packaging
+
+
+def test_requirements_follow_pyproject_and_pin_the_spaces_gradio():
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    required = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    name = lambda spec: re.split(r"[<>=!~ \[]", spec, maxsplit=1)[0].lower()  # noqa: E731
+    assert sorted(map(name, declared)) == sorted(map(name, required))
+    pin = next(spec for spec in required if name(spec) == "gradio").split("==")[1]
+    front = yaml.safe_load((REPO / "README.md").read_text().split("---")[1])
+    assert front["sdk"] == "gradio" and front["app_file"] == "app.py"
+    assert str(front["sdk_version"]) == pin == gr.__version__
+
+
+# ---------------------------------------------------------------- the API
+
+
+def test_run_endpoint_scripts_a_study_with_gradio_client(tmp_path):
+    from gradio_client import Client
+
+    config = ui.AppConfig(preset=ui.TINY_PRESET, runs_dir=tmp_path / "runs")
+    demo = ui.build_app(config)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                **ui.launch_options(config))
+    try:
+        client = Client(f"http://127.0.0.1:{port}", verbose=False)
+        study = yaml.safe_dump(tiny_study(
+            prompts=["a photo of a {subject} {class}", "a {subject} {class} on the beach"],
+            methods=[{"kind": "baseline"}, {"kind": "lora", "path": "tiny", "weights": [1.0]}]))
+        grids, summary, figure = client.predict(study, None, api_name="/run")
+        assert [item["caption"] for item in grids] == ["grid.png", "grids/prompt_01.png", "grids/prompt_02.png"]
+        assert Image.open(grids[0]["image"]).size[0] > 64
+        rows = [dict(zip(summary["headers"], row)) for row in summary["data"]]
+        assert [(row["method"], row["weight"]) for row in rows] == [("baseline", 0.0), ("lora", 1.0)]
+        assert all(-1 <= row["dino_mean"] <= 1 and row["dino_n"] == 4 for row in rows)
+        assert figure["type"] == "plotly" and json.loads(figure["plot"])["data"]
+        with pytest.raises(Exception, match="seeds: expected a list of integers"):
+            client.predict(yaml.safe_dump(tiny_study(seeds=["x"])), None, api_name="/run")
+    finally:
+        demo.close()

@@ -1,0 +1,141 @@
+"""A run folder as one zip, and back: share a run, or load it into the app and continue it.
+
+The zip holds the run folder as it is (grids, images with their PNG metadata, cells.csv,
+scores.csv, summary.csv, frontier.html, manifest.json, the embedding cache) plus `study.yaml`: the
+study with paths made portable (reference images copied under `references/`, tiny weights written
+as `tiny`), so `parse_study(study.yaml, base_dir=<unzipped folder>)` works on another machine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from .errors import StudyError
+
+STUDY_FILE = "study.yaml"
+REFERENCES = "references"
+ALLOWED_SUFFIXES = {".png", ".csv", ".json", ".html", ".yaml", ".yml", ".safetensors", ".txt"}
+MAX_UNZIPPED_BYTES = 4 << 30  # an exported run of a few thousand 1024 px PNGs fits well below this
+MAX_MEMBERS = 50_000
+_SKIP_SUFFIXES = (".partial", ".zip")
+_STORED = (".png", ".safetensors")  # already compressed (or incompressible): store, do not deflate
+_PATH_OPTIONS = ("adapter", "path", "embedding", "checkpoint")
+
+
+def portable_study(study: dict, run_dir: Path) -> dict:
+    """`study` (the schema of presets/) with references relative to the run folder and tiny weights as `tiny`.
+
+    Reference images outside the run folder are copied into `run_dir/references/` first.
+    """
+    from .tiny import cache_root
+
+    run_dir = Path(run_dir).resolve()
+    data = json.loads(json.dumps(study))
+    tiny_root = str(cache_root().resolve())
+    references = []
+    for index, ref in enumerate(data.get("subject", {}).get("reference_images", [])):
+        path = Path(ref)
+        if not path.is_absolute():
+            path = run_dir / path
+        path = path.resolve()
+        if not path.is_relative_to(run_dir):
+            target = run_dir / REFERENCES / f"{index:02d}_{path.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file() and not target.exists():
+                shutil.copyfile(path, target)
+            path = target
+        references.append(path.relative_to(run_dir).as_posix())
+    if "subject" in data:
+        data["subject"]["reference_images"] = references
+
+    def untiny(value):
+        return "tiny" if isinstance(value, str) and value.startswith(tiny_root) else value
+
+    if data.get("base") in ("tiny", "tiny-xl"):
+        for lora in data.get("lora", []):
+            lora["path"] = untiny(lora.get("path"))
+        for method in data.get("methods", []):
+            for option in _PATH_OPTIONS:
+                if option in method:
+                    method[option] = untiny(method[option])
+    return data
+
+
+def zip_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write `run_dir` as a zip (default: next to it, `<name>.zip`) and return its path.
+
+    Adds `study.yaml` (see `portable_study`) when the folder has a manifest.json.
+    """
+    run_dir = Path(run_dir).resolve()
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise StudyError(f"{run_dir}: no manifest.json here; nothing has been generated into this run folder yet")
+    study = portable_study(json.loads(manifest_path.read_text())["study"], run_dir)
+    out = Path(out) if out else run_dir.parent / f"{run_dir.name}.zip"
+    partial = out.with_suffix(".zip.partial")
+    with zipfile.ZipFile(partial, "w") as archive:
+        for path in sorted(run_dir.rglob("*")):
+            if not path.is_file() or path.name.endswith(_SKIP_SUFFIXES) or path.name.startswith("."):
+                continue
+            name = path.relative_to(run_dir).as_posix()
+            if name == STUDY_FILE:
+                continue
+            compression = zipfile.ZIP_STORED if path.suffix in _STORED else zipfile.ZIP_DEFLATED
+            archive.write(path, name, compress_type=compression)
+        archive.writestr(STUDY_FILE, yaml.safe_dump(study, sort_keys=False, allow_unicode=True),
+                         compress_type=zipfile.ZIP_DEFLATED)
+    partial.replace(out)
+    return out
+
+
+def unzip_run(zip_path: str | Path, dest: str | Path) -> Path:
+    """Extract an exported run into the new folder `dest` and return it.
+
+    Refuses (StudyError) archives that are not zips, hold paths outside the folder, files of other
+    kinds than a run writes, or unpack to more than MAX_UNZIPPED_BYTES.
+    """
+    dest = Path(dest).resolve()
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise StudyError(f"{Path(zip_path).name}: not a zip file ({error})") from None
+    with archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        if len(members) > MAX_MEMBERS or sum(m.file_size for m in members) > MAX_UNZIPPED_BYTES:
+            raise StudyError(f"{Path(zip_path).name}: too large to be an exported run "
+                             f"({len(members)} files, {sum(m.file_size for m in members) / 2**30:.1f} GiB unzipped)")
+        names = {m.filename for m in members}
+        if STUDY_FILE not in names and "manifest.json" not in names:
+            raise StudyError(f"{Path(zip_path).name}: no study.yaml or manifest.json inside; "
+                             "is it a zip exported by the workbench?")
+        for member in members:
+            target = (dest / member.filename).resolve()
+            if not target.is_relative_to(dest) or Path(member.filename).suffix.lower() not in ALLOWED_SUFFIXES:
+                raise StudyError(f"{Path(zip_path).name}: unexpected entry {member.filename!r}; "
+                                 "is it a zip exported by the workbench?")
+        dest.mkdir(parents=True, exist_ok=True)
+        for member in members:
+            target = dest / member.filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(member) as source, open(target, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+    return dest
+
+
+def saved_study(run_dir: str | Path) -> dict:
+    """The study of a run folder (study.yaml, else the manifest's), with paths portable to this folder."""
+    run_dir = Path(run_dir)
+    if (run_dir / STUDY_FILE).is_file():
+        data = yaml.safe_load((run_dir / STUDY_FILE).read_text())
+    elif (run_dir / "manifest.json").is_file():
+        data = portable_study(json.loads((run_dir / "manifest.json").read_text())["study"], run_dir)
+    else:
+        raise StudyError(f"{run_dir}: no study.yaml or manifest.json; not a run folder")
+    if not isinstance(data, dict):
+        raise StudyError(f"{run_dir / STUDY_FILE}: expected a mapping of study fields")
+    return data
