@@ -837,7 +837,7 @@ class Workbench:
                 self.table = gr.Dataframe(
                     Views().table, label="Scores per method@weight (mean ± std over prompts and seeds; click a row "
                     "to inspect it)", interactive=False, elem_id="score-table", max_height=420,
-                    column_widths=["140px", "124px", "124px", "124px", "110px", "36px", "48px"])
+                    column_widths=["140px", "124px", "124px", "124px", "102px", "36px", "58px"])
                 with gr.Accordion("Inspect one method@weight", open=True):
                     self.column_pick = gr.Dropdown([], label="Column", elem_id="column-pick")
                     self.column_info = gr.Markdown("")
