@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -250,10 +251,10 @@ def run_study(
                     stats = result.stats.setdefault(spec.label, MethodStats())
                     if loaded.device.startswith("cuda"):
                         torch.cuda.reset_peak_memory_stats()
-                    size = batch_size or default_batch_size(loaded, study)
+                    fit = BatchFit(batch_size or default_batch_size(loaded, study))
                     with attached(spec.method, pipe, study) as attachment:
-                        for batch in _batches(todo, spec.method.per_sample_weights, size):
-                            images, seconds = _generate(pipe, study, batch, attachment, should_stop)
+                        for batch in _batches(todo, spec.method.per_sample_weights, fit.size):
+                            images, seconds = _generate(pipe, study, batch, attachment, should_stop, fit)
                             finished = []
                             for cell, image in zip(batch, images):
                                 path = run_dir / "images" / _slug(spec.label) / (
@@ -304,12 +305,47 @@ class _BaseLorasMethod:
         return BaseLoras(pipe, study)
 
 
-def _generate(pipe, study: Study, batch: list[Cell], attachment, should_stop) -> tuple[list[Image.Image], float]:
-    """One pipeline call for a batch: one CPU generator per image, seeded from its cell."""
+@dataclass
+class BatchFit:
+    """The most cells one pipeline call may take: the chosen batch size, halved at each out-of-memory error."""
+
+    size: int
+
+
+def _generate(pipe, study: Study, batch: list[Cell], attachment, should_stop, fit: BatchFit | None = None,
+              output_type: str = "pil") -> tuple[list, float]:
+    """The images of `batch`, in order, and the seconds they took.
+
+    Pipeline calls take at most `fit.size` cells (and one weight per call when the attachment cannot
+    mix weights). A call that runs out of GPU memory is retried at half the size, and `fit` keeps the
+    smaller size for the rest of the method; only a single cell that does not fit fails the study.
+    """
     start = time.perf_counter()
-    kwargs = attachment.call_kwargs([cell.weight for cell in batch])
-    prompts = [study.render_prompt(cell) for cell in batch]
-    generators = [torch.Generator("cpu").manual_seed(cell.seed) for cell in batch]
+    fit = fit or BatchFit(len(batch))
+    mixes_weights = getattr(attachment, "per_sample_weights", True)
+    images: list = []
+    while len(images) < len(batch):
+        chunk = batch[len(images):len(images) + fit.size]
+        if not mixes_weights:
+            chunk = [cell for cell in chunk if cell.weight == chunk[0].weight]
+        out_of_memory = False
+        try:
+            images += _pipe_call(pipe, study, chunk, attachment, should_stop, output_type)
+        except torch.cuda.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            out_of_memory = True
+        if out_of_memory:  # outside the except block, so the failed call's tensors are already released
+            fit.size = len(chunk) // 2
+            torch.cuda.empty_cache()
+            warnings.warn(f"out of GPU memory at batch size {len(chunk)}; retrying at {fit.size}")
+    return images, time.perf_counter() - start
+
+
+def _pipe_call(pipe, study: Study, cells: list[Cell], attachment, should_stop, output_type: str) -> list:
+    """One pipeline call for cells of one method: one CPU generator per image, seeded from its cell."""
+    kwargs = attachment.call_kwargs([cell.weight for cell in cells])
+    generators = [torch.Generator("cpu").manual_seed(cell.seed) for cell in cells]
 
     def on_step_end(pipeline, step, timestep, callback_kwargs):
         if should_stop is not None and should_stop():
@@ -317,18 +353,38 @@ def _generate(pipe, study: Study, batch: list[Cell], attachment, should_stop) ->
         return callback_kwargs
 
     with torch.inference_mode():
+        negative_prompt = study.negative_prompt if study.guidance > 1.0 else None
+        kwargs.update(_prompt_embeds(pipe, [study.render_prompt(cell) for cell in cells], negative_prompt))
         output = pipe(
-            prompt=prompts,
-            negative_prompt=[study.negative_prompt] * len(batch) if study.guidance > 1.0 else None,
             num_inference_steps=study.steps,
             guidance_scale=study.guidance,
             height=study.size[0],
             width=study.size[1],
             generator=generators,
             callback_on_step_end=on_step_end,
+            output_type=output_type,
             **kwargs,
         )
-    return list(output.images), time.perf_counter() - start
+    return list(output.images)
+
+
+def _prompt_embeds(pipe, prompts: list[str], negative_prompt: str | None) -> dict[str, torch.Tensor]:
+    """Pipeline arguments with the text embeddings of `prompts`: each distinct prompt encoded once, alone.
+
+    Encoding a prompt alone and repeating it per sample gives a sample the same embeddings in a
+    batch of any size, and spares the text encoder a batch of copies.
+    """
+    device = pipe._execution_device
+    cfg = negative_prompt is not None
+    names = ["prompt_embeds", "negative_prompt_embeds"]
+    if hasattr(pipe, "text_encoder_2"):  # SDXL: two encoders, plus pooled embeddings
+        names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+    encoded = {}
+    for prompt in dict.fromkeys(prompts):
+        encoded[prompt] = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+                                             do_classifier_free_guidance=cfg, negative_prompt=negative_prompt)
+    return {name: torch.cat([encoded[prompt][index] for prompt in prompts])
+            for index, name in enumerate(names) if encoded[prompts[0]][index] is not None}
 
 
 def _save_png(image: Image.Image, path: Path, study: Study, result: CellResult, loaded: LoadedBase) -> None:

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
+
+import torch
 
 from . import register_method
 from .common import fill_prompt, source_identity, source_text, weight_source_option
@@ -81,7 +84,7 @@ class Lora:
 
     default_weights = None
     uses_references = False
-    per_sample_weights = False
+    per_sample_weights = True  # UNet-only LoRAs mix weights in one pass; see _LoraAttachment.per_sample_weights
 
     @classmethod
     def from_options(cls, options, *, base, base_dir, fail):
@@ -101,15 +104,66 @@ class Lora:
 
 
 class _LoraAttachment:
+    """The subject LoRA on the pipeline; a batch may mix weights when the LoRA touches only the UNet.
+
+    A mixed batch runs the adapter at scale 1 and multiplies each UNet LoRA layer's delta per sample
+    (a forward hook on its `lora_B`), with the factor peft itself computes for each weight, so every
+    sample gets `base(x) + lora_B(lora_A(x)) * scaling(weight)`, the sum a batch of that weight alone
+    computes. Text-encoder LoRA layers see the prompt batch, not the samples; such a LoRA (or one with
+    DoRA-style variant layers) runs one weight per pipeline call (`per_sample_weights` False).
+    """
+
     def __init__(self, method: Lora, pipe, study):
         self.pipe, self.study = pipe, study
         load_lora(pipe, method.path, SUBJECT_ADAPTER, "lora.path")
+        self.layers = _lora_layers(pipe.unet)
+        encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+        self.per_sample_weights = not any(_lora_layers(e) for e in encoders if e is not None) and not any(
+            SUBJECT_ADAPTER in getattr(layer, "lora_variant", {}) for layer in self.layers)
+        self.hooks = []
 
     def call_kwargs(self, weights):
-        if len(set(weights)) != 1:
-            raise ValueError("lora: one weight per batch")
-        activate_loras(self.pipe, self.study, {SUBJECT_ADAPTER: weights[0]})
+        self._remove_hooks()
+        if len(set(weights)) == 1:
+            activate_loras(self.pipe, self.study, {SUBJECT_ADAPTER: weights[0]})
+            return {}
+        if not self.per_sample_weights:
+            raise ValueError("lora: this LoRA has text-encoder or variant layers; one weight per batch")
+        activate_loras(self.pipe, self.study, {SUBJECT_ADAPTER: 1.0})
+        for layer in self.layers:
+            factors = []
+            for weight in weights:
+                layer.set_scale(SUBJECT_ADAPTER, weight)
+                factors.append(layer.scaling[SUBJECT_ADAPTER])
+            layer.scaling[SUBJECT_ADAPTER] = 1.0
+            lora_b = layer.lora_B[SUBJECT_ADAPTER]
+            factors = torch.tensor(factors, dtype=torch.float32, device=lora_b.weight.device)
+            self.hooks.append(lora_b.register_forward_hook(partial(_scale_rows, factors)))
         return {}
 
+    def _remove_hooks(self):
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
     def release(self):
+        self._remove_hooks()
         remove_lora(self.pipe, SUBJECT_ADAPTER, self.study)
+
+
+def _lora_layers(model) -> list:
+    """The peft LoRA layers of `model` that carry the subject adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and SUBJECT_ADAPTER in m.lora_B]
+
+
+def _scale_rows(factors: torch.Tensor, module, inputs, output):
+    """Sample i's rows of a LoRA delta times factors[i], tiled over the CFG halves of the UNet batch.
+
+    Multiplied in float32, as torch multiplies a half or bfloat16 tensor by peft's Python-float scale.
+    """
+    repeats, rest = divmod(output.shape[0], factors.shape[0])
+    if rest:
+        raise ValueError(f"lora: a layer saw a batch of {output.shape[0]} for {factors.shape[0]} weights")
+    return (output.float() * factors.repeat(repeats).view(-1, *[1] * (output.ndim - 1))).to(output.dtype)
