@@ -38,7 +38,8 @@ def full_run(tmp_path_factory, tiny_base):
 
 def test_every_method_kind_writes_its_images_and_outputs(full_run):
     study, out = full_run.study, full_run.run_dir
-    assert full_run.complete and full_run.generated == len(study.cells()) == 16
+    # 16 cells, 14 generated: IP-Adapter@0 is the baseline's image (same key), made once for both.
+    assert full_run.complete and len(study.cells()) == 16 and full_run.generated == 14
     cells = pd.read_csv(out / "cells.csv")
     assert len(cells) == 16
     assert set(cells["kind"]) == {"baseline", "ip_adapter", "lora", "textual_inversion", "dreambooth"}
@@ -69,6 +70,38 @@ def test_methods_change_the_image_and_weight_zero_does_not(full_run):
     assert not np.array_equal(pixels(full_run, method="ip_adapter", weight=0.5, seed=0),
                               pixels(full_run, method="ip_adapter", weight=1.0, seed=0))
     assert not np.array_equal(pixels(full_run, method="baseline", seed=0), pixels(full_run, method="baseline", seed=1))
+
+
+def test_ip_adapter_weight_zero_is_the_baseline_cell_made_once(full_run):
+    baseline = {r.cell.seed: r for r in full_run.results if r.method == "baseline"}
+    for zero in [r for r in full_run.results if r.method == "ip_adapter" and r.cell.weight == 0.0]:
+        twin = baseline[zero.cell.seed]
+        assert zero.key == twin.key and zero.image_path != twin.image_path
+        assert zero.image_path.parent.name == "ip_adapter" and not zero.generated
+        meta = read_png_metadata(zero.image_path)
+        assert meta["method"] == "ip_adapter" and meta["weight"] == 0.0 and meta["key"] == zero.key
+        assert meta["same_image_as"] == str(twin.image_path.relative_to(full_run.run_dir))
+        assert np.array_equal(np.asarray(Image.open(zero.image_path)), np.asarray(Image.open(twin.image_path)))
+    # Both cells keep their own score rows, with equal values.
+    clip_i = full_run.scores[full_run.scores["metric"] == "clip_i"]
+    zero_scores = clip_i[(clip_i["method"] == "ip_adapter") & (clip_i["weight"] == 0.0)].sort_values("seed")
+    base_scores = clip_i[clip_i["method"] == "baseline"].sort_values("seed")
+    assert len(zero_scores) == len(base_scores) == 2
+    assert zero_scores["value"].to_list() == base_scores["value"].to_list()
+    assert (full_run.summary().query("method == 'ip_adapter' and weight == 0")["clip_i_n"] == 2).all()
+
+
+def test_a_baseline_added_after_an_ip_adapter_sweep_with_weight_zero_costs_nothing(tmp_path, tiny_base):
+    ip_adapter = {"kind": "ip_adapter", "adapter": "tiny", "weights": [0.0, 0.5]}
+    first = run_study(parse_study(tiny_study(methods=[ip_adapter])), tmp_path, loaded=tiny_base,
+                      show_progress_bar=False, score=False)
+    assert first.generated == 4
+    second = run_study(parse_study(tiny_study(methods=[{"kind": "baseline"}, ip_adapter])), tmp_path,
+                       loaded=tiny_base, show_progress_bar=False, score=False)
+    assert second.complete and second.generated == 0
+    made = [r for r in second.results if r.method == "baseline"]
+    assert len(made) == 2 and all(r.image_path.parent.name == "baseline" and r.image_path.is_file() for r in made)
+    assert read_png_metadata(made[0].image_path)["method"] == "baseline"
 
 
 def test_cell_alone_equals_cell_in_run(full_run, tmp_path, tiny_base):
@@ -141,9 +174,12 @@ def test_sdxl_code_path_runs_every_method(tmp_path):
     loaded = LoadedBase(pipe, base_identity("tiny-xl"), dict(pipe.scheduler.config), "cpu", torch.float32)
     study = parse_study(tiny_study(base="tiny-xl", seeds=[0], methods=ALL_METHODS))
     result = run_study(study, tmp_path, loaded=loaded, show_progress_bar=False)
-    assert result.complete and result.generated == 8
+    assert result.complete and len(result.results) == 8 and result.generated == 7  # IP-Adapter@0 = baseline
     base = pixels(result, method="baseline", seed=0)
-    assert np.array_equal(pixels(result, method="ip_adapter", weight=0.0, seed=0), base)
+    # Generated on its own, without a baseline to copy, IP-Adapter@0 is the baseline bit for bit.
+    zero_alone = run_study(parse_study(tiny_study(base="tiny-xl", seeds=[0], methods=[ALL_METHODS[1]])),
+                           tmp_path / "alone", loaded=loaded, show_progress_bar=False, score=False)
+    assert np.array_equal(pixels(zero_alone, method="ip_adapter", weight=0.0, seed=0), base)
     assert not np.array_equal(pixels(result, method="textual_inversion", seed=0), base)
 
 

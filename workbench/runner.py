@@ -215,13 +215,30 @@ def run_study(
         run_scores = RunScores(load_scorer(scoring or ScoringSpec.for_study(study), device), study, run_dir)
         result.provenance = run_scores.scorer.provenance()
 
+    def cell_path(cell: Cell) -> Path:
+        label = _slug(study.methods[cell.method_index].label)
+        return run_dir / "images" / label / f"p{cell.prompt_index:02d}_w{cell.weight:g}_s{cell.seed}_{keys[cell][:16]}.png"
+
     missing = []
     for cell in cells:
-        path = on_disk.get(keys[cell][:16])
-        if path is None:
+        found = on_disk.get(keys[cell][:16])
+        if found is None:
             missing.append(cell)
             continue
-        by_cell[cell] = describe(cell, path, float(read_png_metadata(path).get("seconds", 0.0)), False)
+        path = cell_path(cell)
+        if path.exists():
+            by_cell[cell] = describe(cell, path, float(read_png_metadata(path).get("seconds", 0.0)), False)
+        else:  # the same image under another cell (a neutral weight, a renamed method): its own copy
+            by_cell[cell] = describe(cell, path, 0.0, False)
+            _copy_png(found, by_cell[cell], study, run_dir)
+    # Cells with one key (the baseline and IP-Adapter@0) are generated once; the twins copy the image.
+    first_with_key: dict[str, Cell] = {}
+    twins: dict[Cell, list[Cell]] = {}
+    for cell in missing:
+        source = first_with_key.setdefault(keys[cell], cell)
+        if source is not cell:
+            twins.setdefault(source, []).append(cell)
+    missing_twins = {twin for group in twins.values() for twin in group}
     result.results = [by_cell[c] for c in cells if c in by_cell]
     if run_scores is not None and result.results:
         run_scores.add(result.results)
@@ -245,7 +262,7 @@ def run_study(
             pipe.scheduler = make_scheduler(loaded, study.scheduler)
             with attached(_BaseLorasMethod(), pipe, study):
                 for method_index, spec in enumerate(study.methods):
-                    todo = [c for c in missing if c.method_index == method_index]
+                    todo = [c for c in missing if c.method_index == method_index and c not in missing_twins]
                     if not todo:
                         continue
                     stats = result.stats.setdefault(spec.label, MethodStats())
@@ -255,20 +272,25 @@ def run_study(
                     with attached(spec.method, pipe, study) as attachment:
                         for batch in _batches(todo, spec.method.per_sample_weights, fit.size):
                             images, seconds = _generate(pipe, study, batch, attachment, should_stop, fit)
-                            finished = []
+                            finished, finished_images = [], []
                             for cell, image in zip(batch, images):
-                                path = run_dir / "images" / _slug(spec.label) / (
-                                    f"p{cell.prompt_index:02d}_w{cell.weight:g}_s{cell.seed}_{keys[cell][:16]}.png")
-                                cell_result = describe(cell, path, seconds / len(batch), True)
-                                _save_png(image, path, study, cell_result, loaded)
-                                by_cell[cell] = cell_result
-                                finished.append(cell_result)
+                                cell_result = describe(cell, cell_path(cell), seconds / len(batch), True)
+                                meta = _cell_meta(study, cell_result, loaded)
+                                _write_png(image, cell_result.image_path, meta)
                                 result.generated += 1
-                                if bar:
-                                    bar.update(1)
+                                for made in [cell_result] + [describe(t, cell_path(t), 0.0, False)
+                                                             for t in twins.get(cell, [])]:
+                                    if made is not cell_result:
+                                        _write_png(image, made.image_path, _twin_meta(meta, made, study, run_dir,
+                                                                                      cell_result.image_path))
+                                    by_cell[made.cell] = made
+                                    finished.append(made)
+                                    finished_images.append(image)
+                                    if bar:
+                                        bar.update(1)
                             result.results = [by_cell[c] for c in cells if c in by_cell]
                             if run_scores is not None:
-                                run_scores.add(finished, images)
+                                run_scores.add(finished, finished_images)
                                 result.scores = run_scores.frame()
                             for index, cell_result in enumerate(finished):
                                 if progress:
@@ -387,8 +409,9 @@ def _prompt_embeds(pipe, prompts: list[str], negative_prompt: str | None) -> dic
             for index, name in enumerate(names) if encoded[prompts[0]][index] is not None}
 
 
-def _save_png(image: Image.Image, path: Path, study: Study, result: CellResult, loaded: LoadedBase) -> None:
-    meta = {
+def _cell_meta(study: Study, result: CellResult, loaded: LoadedBase) -> dict:
+    """The generation parameters written into a cell's PNG."""
+    return {
         "prompt": result.prompt, "negative_prompt": study.negative_prompt, "method": result.method,
         "kind": result.kind, "weight": result.cell.weight, "seed": result.cell.seed, "steps": study.steps,
         "guidance": study.guidance, "height": study.size[0], "width": study.size[1], "scheduler": study.scheduler,
@@ -396,6 +419,22 @@ def _save_png(image: Image.Image, path: Path, study: Study, result: CellResult, 
         "options": study.methods[result.cell.method_index].method.options(), "key": result.key,
         "seconds": round(result.seconds, 4), "study": study.name,
     }
+
+
+def _twin_meta(meta: dict, twin: CellResult, study: Study, run_dir: Path, source: Path) -> dict:
+    """`meta` of an image, retold for another cell with the same key (same image, other method/label)."""
+    return {**meta, "method": twin.method, "kind": twin.kind, "weight": twin.cell.weight, "prompt": twin.prompt,
+            "options": study.methods[twin.cell.method_index].method.options(), "key": twin.key, "seconds": 0.0,
+            "same_image_as": str(source.relative_to(run_dir)), "study": study.name}
+
+
+def _copy_png(source: Path, twin: CellResult, study: Study, run_dir: Path) -> None:
+    with Image.open(source) as image:
+        image.load()
+        _write_png(image, twin.image_path, _twin_meta(read_png_metadata(source), twin, study, run_dir, source))
+
+
+def _write_png(image: Image.Image, path: Path, meta: dict) -> None:
     info = PngInfo()
     info.add_text(PNG_KEY, json.dumps(meta))
     info.add_text("parameters", _a1111_parameters(meta))

@@ -67,7 +67,7 @@ class RunScores:
         self.embeddings: dict[str, dict[str, torch.Tensor]] = self._load_cache()
         references = [load_image(p, "subject.reference_images") for p in study.subject.reference_images]
         self.references = scorer.embed_references(references)
-        self.records: dict[str, dict] = {}
+        self.records: dict[tuple[str, str], dict] = {}  # (method, key) -> cell description
         self.seconds = 0.0
 
     def _load_cache(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -95,14 +95,15 @@ class RunScores:
         """Embed the images of `results` not embedded yet, in one batch per backbone."""
         start = time.perf_counter()
         for result in results:
-            self.records[result.key] = {
+            # By method and key: the baseline and IP-Adapter@0 share a key (one image), not a row.
+            self.records[(result.method, result.key)] = {
                 "prompt_index": result.cell.prompt_index, "prompt": self.study.scoring_prompt(result.cell.template),
                 "method": result.method, "weight": result.cell.weight, "seed": result.cell.seed, "key": result.key,
             }
-        todo = [(i, r) for i, r in enumerate(results) if r.key not in self.embeddings]
+        todo = list({r.key: (i, r) for i, r in enumerate(results) if r.key not in self.embeddings}.values())
         if todo:
             pictures = [images[i] if images is not None else Image.open(r.image_path).convert("RGB") for i, r in todo]
-            prompts = [self.records[r.key]["prompt"] for _, r in todo]
+            prompts = [self.records[(r.method, r.key)]["prompt"] for _, r in todo]
             embedded = self.scorer.embed_images(pictures, prompts)
             for row, (_, result) in enumerate(todo):
                 self.embeddings[result.key] = {kind: rows[row].cpu() for kind, rows in embedded.items()}
@@ -112,8 +113,8 @@ class RunScores:
         """The long score table of every added image, plus one row per group for group metrics."""
         if not self.records:
             return pd.DataFrame(columns=SCORE_COLUMNS)
-        keys = list(self.records)
-        cells = pd.DataFrame([self.records[k] for k in keys])
+        keys = [key for _, key in self.records]
+        cells = pd.DataFrame(list(self.records.values()))
         stacked = {kind: torch.stack([self.embeddings[k][kind] for k in keys])
                    for kind in self.embeddings[keys[0]]}
         frames = [cells.assign(metric=name, value=values.numpy())

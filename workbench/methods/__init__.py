@@ -4,6 +4,10 @@ A method is a frozen dataclass whose fields are its options in the preset. `atta
 loads it into a pipeline and returns an Attachment; `call_kwargs(weights)` gives the pipeline
 arguments for a batch (one weight per sample); `release()` leaves the pipeline as it was found.
 Use it through `attached(...)`, which releases even when a batch fails.
+
+A method may define `neutral(weight)`: True where, at that weight, the pipeline computes exactly
+what it computes with nothing attached (IP-Adapter at scale 0). Such a cell is the baseline's image,
+so it shares the baseline cell's cache key and is generated once for both.
 """
 
 from __future__ import annotations
@@ -30,6 +34,20 @@ class Method(Protocol):
     def options(self) -> dict: ...
     def identity(self) -> dict: ...
     def attach(self, pipe, study) -> Attachment: ...
+
+
+NEUTRAL_IDENTITY = {"kind": "baseline"}
+
+
+def is_neutral(method, weight: float) -> bool:
+    """Does `method` at `weight` leave the pipeline as if nothing were attached? (False unless it says so.)"""
+    neutral = getattr(method, "neutral", None)
+    return bool(neutral and neutral(weight))
+
+
+def cell_identity(method, weight: float) -> dict:
+    """What a cell's method contributes to its cache key: neutral cells all share the baseline's."""
+    return dict(NEUTRAL_IDENTITY) if is_neutral(method, weight) else method.identity()
 
 
 def register_method(kind: str):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import NoState, register_method
+from . import NEUTRAL_IDENTITY, NoState, register_method
 from .common import fill_prompt
 
 
@@ -26,7 +26,10 @@ class Baseline:
         return {}
 
     def identity(self):
-        return {"kind": "baseline"}
+        return dict(NEUTRAL_IDENTITY)
+
+    def neutral(self, weight):
+        return True
 
     def attach(self, pipe, study):
         return NoState()

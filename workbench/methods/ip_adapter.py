@@ -91,6 +91,10 @@ class IPAdapter:
         return {"kind": "ip_adapter", "adapter": source_identity(self.adapter) if self.adapter else "default",
                 "block_scales": _thaw(self.block_scales) if self.block_scales else None}
 
+    def neutral(self, weight):
+        # diffusers' processors skip the adapter at scale 0, and a zero per-sample scale adds exactly 0.
+        return weight == 0
+
     def attach(self, pipe, study):
         return _IPAdapterAttachment(self, pipe, study)
 
