@@ -345,3 +345,46 @@ def test_a_scored_frame_summarises_and_plots(scorer, images, references):
     (baseline,) = [trace for trace in figure.data if trace.name == "baseline"]
     assert baseline.text == ("",)  # the baseline has no weight
     assert figure.layout.xaxis.title.text == "DINO (cosine in [-1, 1]) — image fidelity →"
+
+
+def hub_layout_state_dict(model: ViTModel) -> dict[str, torch.Tensor]:
+    """`model`'s weights under the key names of the ViT checkpoints on the Hub (facebook/dino-vits16)."""
+    renames = [("layers.", "encoder.layer."), ("attention.q_proj", "attention.attention.query"),
+               ("attention.k_proj", "attention.attention.key"), ("attention.v_proj", "attention.attention.value"),
+               ("attention.o_proj", "attention.output.dense"), ("mlp.fc1", "intermediate.dense"),
+               ("mlp.fc2", "output.dense")]
+    renamed = {}
+    for key, value in model.state_dict().items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        renamed[key] = value.contiguous()
+    return renamed
+
+
+def test_dino_reads_a_checkpoint_in_the_hub_layout_with_a_pooler(tmp_path, scorer):
+    from safetensors.torch import save_file
+
+    shared = scorer.backbones["dino"]
+    state = hub_layout_state_dict(shared.model)
+    assert "encoder.layer.0.attention.attention.query.weight" in state
+    hidden = shared.model.config.hidden_size
+    state |= {"pooler.dense.weight": torch.zeros(hidden, hidden), "pooler.dense.bias": torch.zeros(hidden)}
+    shared.model.config.save_pretrained(tmp_path)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    loaded = DinoBackbone(str(tmp_path))
+
+    image = picture(2)
+    torch.testing.assert_close(loaded.embed_images([image]), shared.embed_images([image]), rtol=0, atol=0)
+
+
+def test_dino_refuses_a_checkpoint_that_would_leave_layers_random(tmp_path, scorer):
+    from safetensors.torch import save_file
+
+    state = {key: value.contiguous() for key, value in scorer.backbones["dino"].model.state_dict().items()
+             if not key.startswith("layers.1.")}
+    scorer.backbones["dino"].model.config.save_pretrained(tmp_path)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    with pytest.raises(RuntimeError, match=r"lacks or misshapes \d+ weights .*layers\.1\."):
+        DinoBackbone(str(tmp_path))

@@ -186,10 +186,20 @@ class DinoBackbone:
         else:
             source, self.description = model_id, f"transformers {model_id}"
         try:
-            # The DINO checkpoints carry no pooler; the CLS token is read from last_hidden_state.
-            self.model = ViTModel.from_pretrained(source, add_pooling_layer=False).to(self.device).eval()
+            # The CLS token is read from last_hidden_state (after the final layernorm, as DINO and the
+            # DreamBooth evaluation read it), so no pooler is built and a checkpoint's pooler is ignored.
+            model, info = ViTModel.from_pretrained(source, add_pooling_layer=False, output_loading_info=True)
         except OSError as error:
             raise RuntimeError(_unloadable(f"DINO {model_id}", "dino='tiny'", error)) from error
+        if info["missing_keys"] or info["mismatched_keys"]:
+            # transformers would fill these with random values and only log it: every score would be wrong.
+            wrong = sorted(info["missing_keys"]) + sorted(str(key[0] if isinstance(key, tuple) else key)
+                                                          for key in info["mismatched_keys"])
+            raise RuntimeError(f"DINO {model_id}: the checkpoint lacks or misshapes {len(wrong)} weights of the "
+                               f"ViT ({', '.join(wrong[:4])}{', ...' if len(wrong) > 4 else ''}); refusing to "
+                               "score with randomly initialised layers. Is it a ViT checkpoint of this "
+                               "transformers version's layout?")
+        self.model = model.to(self.device).eval()
         self.preprocess = dino_preprocess()
 
     def _cls_token(self, pixel_values: torch.Tensor) -> torch.Tensor:
