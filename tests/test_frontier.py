@@ -119,7 +119,7 @@ def test_suggested_weight_has_the_best_clip_t_among_weights_above_the_dino_floor
     assert suggestion.constrained_mean == pytest.approx(0.65)
     assert suggestion.n == 2
     assert suggestion.sentence.startswith("ip_adapter at weight 0.75 gives the best CLIP-T (0.260 ± 0.014, n=2)")
-    assert "DINO ≥ 0.6" in suggestion.sentence
+    assert "among weights with DINO ≥ 0.600; at this weight DINO is 0.650 ± 0.014." in suggestion.sentence
 
 
 def test_suggested_weight_with_a_clip_t_floor_has_the_best_dino():
@@ -136,3 +136,23 @@ def test_suggest_weight_needs_exactly_one_floor():
         suggest_weight(sweep_summary(), "ip_adapter")
     with pytest.raises(ValueError, match="exactly one"):
         suggest_weight(sweep_summary(), "ip_adapter", min_x=0.5, min_y=0.2)
+
+
+def test_suggestions_give_both_directions_with_the_baseline_as_the_floor():
+    from workbench.report import suggestions
+
+    rows = [("p", "baseline", 0.0, seed, metric, value) for seed in (0, 1)
+            for metric, value in (("dino", 0.45), ("clip_t", 0.30))]
+    for weight, dino, clip_t in [(0.25, 0.40, 0.31), (0.5, 0.55, 0.29), (0.75, 0.65, 0.26), (1.0, 0.72, 0.22)]:
+        rows += [("p", "ip_adapter", weight, seed, metric, value) for seed in (0, 1)
+                 for metric, value in (("dino", dino), ("clip_t", clip_t))]
+    summary = summarize(long_scores(rows))
+
+    keep_dino, keep_clip_t = suggestions(summary, "dino", "clip_t")
+
+    assert (keep_dino.weight, keep_dino.constrained, keep_dino.threshold) == (0.5, "dino", pytest.approx(0.45))
+    assert (keep_clip_t.weight, keep_clip_t.constrained, keep_clip_t.threshold) == (0.25, "clip_t",
+                                                                                    pytest.approx(0.30))
+    assert "(the baseline's)" in keep_dino.sentence
+    (given,) = suggestions(summary, "dino", "clip_t", min_x=0.7, min_y=0.5)
+    assert given.weight == 1.0 and "(given)" in given.sentence

@@ -344,7 +344,10 @@ def test_a_scored_frame_summarises_and_plots(scorer, images, references):
     assert summary["on_pareto_front"].any()
     (baseline,) = [trace for trace in figure.data if trace.name == "baseline"]
     assert baseline.text == ("",)  # the baseline has no weight
-    assert figure.layout.xaxis.title.text == "DINO (cosine in [-1, 1]) — image fidelity →"
+    assert figure.layout.xaxis.title.text == (
+        f"DINO (cosine in [-1, 1]) — image fidelity →<br><sup>transformers tiny random-weight ViT "
+        f"(tiny-dino-{TINY_VERSION})</sup>"
+    )
 
 
 def hub_layout_state_dict(model: ViTModel) -> dict[str, torch.Tensor]:

@@ -8,9 +8,11 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from workbench.frontier import pareto_front, summarize
-from workbench.plots import frontier_figure, write_frontier_html
+from workbench.plots import IMAGE_CLOUD, frontier_figure, frontier_figure_with_x_menu, write_frontier_html
 
 PROVENANCE = {
+    "clip_i": {"axis": "image_fidelity", "direction": "higher is better",
+               "backbone": "open_clip ViT-B-32 openai", "scale": "cosine in [-1, 1]"},
     "dino": {"axis": "image_fidelity", "direction": "higher is better",
              "backbone": "transformers facebook/dino-vits16", "scale": "cosine in [-1, 1]"},
     "clip_t": {"axis": "prompt_fidelity", "direction": "higher is better",
@@ -70,11 +72,13 @@ def test_frontier_figure_draws_the_pareto_front_as_a_step_line_through_the_front
     assert list(front.y) == sorted(front.y)
 
 
-def test_frontier_axis_titles_name_the_metric_its_scale_and_what_it_measures():
+def test_frontier_axis_titles_name_the_metric_its_scale_what_it_measures_and_its_backbone():
     figure = frontier_figure(summarize(fake_scores()), provenance=PROVENANCE)
 
-    assert figure.layout.xaxis.title.text == "DINO (cosine in [-1, 1]) — image fidelity →"
-    assert figure.layout.yaxis.title.text == "CLIP-T (cosine in [-1, 1]) — prompt fidelity →"
+    assert figure.layout.xaxis.title.text == (
+        "DINO (cosine in [-1, 1]) — image fidelity →<br><sup>transformers facebook/dino-vits16</sup>")
+    assert figure.layout.yaxis.title.text == (
+        "CLIP-T (cosine in [-1, 1]) — prompt fidelity →<br><sup>open_clip ViT-B-32 openai</sup>")
     assert frontier_figure(summarize(fake_scores())).layout.xaxis.title.text == "DINO"
 
 
@@ -111,3 +115,28 @@ def test_frontier_html_is_self_contained(tmp_path):
     assert not re.search(r"<script[^>]*\ssrc=", html)  # nothing fetched: no CDN script tag
     assert "Pareto front" in html
     assert len(html) > 1_000_000  # plotly.js itself is inlined
+
+
+def with_clip_i(scores: pd.DataFrame) -> pd.DataFrame:
+    """`scores` plus a CLIP-I row per image that falls with DINO, so the two x axes have different fronts."""
+    dino = scores[scores.metric == "dino"]
+    return pd.concat([scores, dino.assign(metric="clip_i", value=1 - dino["value"])], ignore_index=True)
+
+
+def test_frontier_menu_switches_x_between_dino_and_clip_i_with_and_without_the_image_dots():
+    scores = with_clip_i(fake_scores())
+    summary = summarize(scores)
+
+    figure = frontier_figure_with_x_menu(summary, ["dino", "clip_i"], scores=scores, provenance=PROVENANCE)
+
+    (menu,) = figure.layout.updatemenus
+    assert [button.label for button in menu.buttons] == [
+        "x = DINO, with each image", "x = DINO", "x = CLIP-I, with each image", "x = CLIP-I"]
+    for button, x, dots in zip(menu.buttons, ["dino", "dino", "clip_i", "clip_i"], [True, False, True, False]):
+        alone = frontier_figure(summary, x=x, scores=scores if dots else None, provenance=PROVENANCE)
+        shown = [trace for trace, visible in zip(figure.data, button.args[0]["visible"]) if visible]
+        assert [(t.name, tuple(t.x), tuple(t.y)) for t in shown] == [(t.name, tuple(t.x), tuple(t.y))
+                                                                      for t in alone.data]
+        assert button.args[1]["xaxis.title.text"] == alone.layout.xaxis.title.text
+    assert [trace.visible for trace in figure.data] == list(menu.buttons[0].args[0]["visible"])
+    assert sum(trace.meta == IMAGE_CLOUD for trace in figure.data) == 2 * 3

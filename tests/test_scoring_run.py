@@ -55,6 +55,37 @@ def test_cells_csv_scores_equal_the_metric_on_the_saved_image(scored_run, tiny_b
     assert "sks" not in row["scoring_prompt"]
 
 
+def test_cells_csv_diversity_is_the_value_of_each_image_seed_group(scored_run):
+    cells = pd.read_csv(scored_run.run_dir / "cells.csv")
+    scores = pd.read_csv(scored_run.run_dir / "scores.csv")
+    groups = scores[scores.metric == "diversity"]
+
+    assert len(groups) == 8 and cells["diversity"].notna().all()
+    for _, group in groups.iterrows():
+        rows = cells[(cells.prompt_index == group.prompt_index) & (cells.method == group.method)
+                     & (cells.weight == group.weight)]
+        assert len(rows) == 2 and (rows["diversity"] == group.value).all()
+
+
+def test_manifest_states_scoring_cost_per_image_and_how_to_read_the_summary(scored_run):
+    import json
+
+    manifest = json.loads((scored_run.run_dir / "manifest.json").read_text())
+    run = manifest["runs"][-1]
+    cost = run["scoring"]
+    generation = sum(m["seconds"] for m in run["methods"].values()) / sum(m["images"] for m in run["methods"].values())
+
+    assert cost["images_embedded"] == 16 and cost["seconds"] == pytest.approx(scored_run.scoring_seconds, abs=1e-3)
+    assert cost["seconds_per_image"] == pytest.approx(cost["seconds"] / 16, rel=1e-2)
+    assert cost["images_per_second"] == pytest.approx(16 / cost["seconds"], rel=1e-2)
+    assert cost["ratio_per_image"] == pytest.approx(cost["seconds_per_image"] / generation, rel=1e-2)
+    assert run["scoring_to_generation_ratio"] == cost["ratio_per_image"]
+    summary = manifest["columns"]["summary.csv"]
+    assert "ddof=1" in summary["<metric>_std"] and "seed groups" in summary["<metric>_n"]
+    assert "dino_mean and clip_t_mean" in summary["on_pareto_front"]
+    assert set(manifest["metrics"]["dino"]) == {"axis", "direction", "backbone", "scale"}
+
+
 def test_progress_events_carry_the_scores_so_far(tmp_path, tiny_base):
     study = parse_study(tiny_study(methods=METHODS[:2]))
     seen = []

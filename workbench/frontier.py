@@ -84,14 +84,16 @@ class WeightSuggestion:
     optimised_mean: float
     optimised_std: float
     n: int  # values pooled for the optimised metric at this weight
+    threshold_source: str = ""  # where the threshold came from, e.g. "the baseline's"
 
     @property
     def sentence(self) -> str:
+        source = f" ({self.threshold_source})" if self.threshold_source else ""
         return (
             f"{self.method} at weight {self.weight:g} gives the best {metric_label(self.optimised)} "
             f"({_mean_std(self.optimised_mean, self.optimised_std)}, n={self.n}) among weights with "
-            f"{metric_label(self.constrained)} ≥ {self.threshold:g} "
-            f"({_mean_std(self.constrained_mean, self.constrained_std)})."
+            f"{metric_label(self.constrained)} ≥ {self.threshold:.3f}{source}; at this weight "
+            f"{metric_label(self.constrained)} is {_mean_std(self.constrained_mean, self.constrained_std)}."
         )
 
 

@@ -17,6 +17,7 @@ BASELINE_COLOR = "#222222"
 METHOD_COLORS = qualitative.Plotly
 FRONT_COLOR = "#888888"
 IMAGE_CLOUD_OPACITY = 0.15
+IMAGE_CLOUD = "image cloud"  # the `meta` of the per-image traces, so a menu can show or hide them
 
 
 def _weight_text(weight: float) -> str:
@@ -32,12 +33,14 @@ def _n_text(n_x: int, n_y: int, x: str, y: str) -> str:
 
 
 def axis_title(metric: str, provenance: dict | None) -> str:
-    """'DINO (cosine in [-1, 1]) — image fidelity →' when provenance knows the metric, else 'DINO'."""
+    """'DINO (cosine in [-1, 1]) — image fidelity →' and, on a second smaller line, the backbone
+    ('transformers facebook/dino-vits16') when provenance knows the metric; else just 'DINO'."""
     info = (provenance or {}).get(metric)
     if not info:
         return metric_label(metric)
     arrow = " →" if info.get("direction") == "higher is better" else ""
-    return f"{metric_label(metric)} ({info['scale']}) — {info['axis'].replace('_', ' ')}{arrow}"
+    title = f"{metric_label(metric)} ({info['scale']}) — {info['axis'].replace('_', ' ')}{arrow}"
+    return f"{title}<br><sup>{info['backbone']}</sup>" if info.get("backbone") else title
 
 
 def method_colors(methods) -> dict[str, str]:
@@ -93,6 +96,7 @@ def _image_cloud_trace(scores: pd.DataFrame, method: str, x: str, y: str, color:
         y=per_image[y].to_numpy(),
         mode="markers",
         name=f"{method} (images)",
+        meta=IMAGE_CLOUD,
         legendgroup=method,
         showlegend=False,
         opacity=IMAGE_CLOUD_OPACITY,
@@ -160,6 +164,40 @@ def frontier_figure(
         hovermode="closest",
         margin=dict(t=90),
     )
+    return figure
+
+
+def frontier_figure_with_x_menu(
+    summary: pd.DataFrame,
+    xs: list[str],
+    y: str = "clip_t",
+    scores: pd.DataFrame | None = None,
+    provenance: dict | None = None,
+) -> go.Figure:
+    """`frontier_figure` for each x in `xs` in one figure, with a menu to pick the x axis (and, with
+    `scores`, to show or hide the per-image dots). The first x is shown first, with its dots."""
+    panels = [frontier_figure(summary, x=x, y=y, scores=scores, provenance=provenance) for x in xs]
+    figure = go.Figure(layout=panels[0].layout)
+    owner = []  # which panel each trace of `figure` comes from
+    for index, panel in enumerate(panels):
+        for trace in panel.data:
+            trace.visible = index == 0
+            figure.add_trace(trace)
+            owner.append(index)
+    clouds = [trace.meta == IMAGE_CLOUD for trace in figure.data]
+    buttons = []
+    for index, (x, panel) in enumerate(zip(xs, panels)):
+        for with_cloud in ([True, False] if any(clouds) else [False]):
+            visible = [mine == index and (with_cloud or not cloud) for mine, cloud in zip(owner, clouds)]
+            label = f"x = {metric_label(x)}" + (", with each image" if with_cloud else "")
+            buttons.append(dict(label=label, method="update", args=[
+                {"visible": visible},
+                {"xaxis.title.text": panel.layout.xaxis.title.text, "title.text": panel.layout.title.text},
+            ]))
+    figure.update_layout(updatemenus=[dict(
+        type="dropdown", buttons=buttons, active=0, direction="down", showactive=True,
+        x=1.0, xanchor="right", y=1.0, yanchor="bottom", pad=dict(b=6),
+    )])
     return figure
 
 

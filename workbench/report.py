@@ -30,8 +30,10 @@ def library_versions() -> dict:
 
 
 def write_cells_csv(study, run_dir: Path, results, scores: pd.DataFrame | None = None) -> pd.DataFrame:
-    """cells.csv: one row per image on disk, one column per per-image metric.
+    """cells.csv: one row per image on disk, one column per metric.
 
+    A per-image metric is the image's own value; a group metric (diversity) is the value of the
+    image's seed group (its prompt x method x weight), repeated on each row of the group.
     Without `scores`, score columns already in the file are kept for the same keys."""
     frame = pd.DataFrame([r.record(study, run_dir) for r in results])
     path = run_dir / "cells.csv"
@@ -39,6 +41,12 @@ def write_cells_csv(study, run_dir: Path, results, scores: pd.DataFrame | None =
         per_image = scores.dropna(subset=["key"]).pivot_table(index="key", columns="metric", values="value",
                                                               aggfunc="first")
         frame = frame.merge(per_image.reset_index(), on="key", how="left")
+        groups = scores[scores["key"].isna()]
+        if len(groups):
+            per_group = groups.pivot_table(index=GROUP_COLUMNS, columns="metric", values="value",
+                                           aggfunc="first", dropna=False)
+            per_group.columns = list(per_group.columns)
+            frame = frame.merge(per_group.reset_index(), on=GROUP_COLUMNS, how="left")
     elif path.exists() and len(frame):
         previous = pd.read_csv(path)
         extra = [c for c in previous.columns if c not in frame.columns]
@@ -46,6 +54,9 @@ def write_cells_csv(study, run_dir: Path, results, scores: pd.DataFrame | None =
             frame = frame.merge(previous[["key", *extra]].drop_duplicates("key"), on="key", how="left")
     _atomic_csv(frame, path)
     return frame
+
+
+GROUP_COLUMNS = ["prompt_index", "method", "weight"]  # a group metric's cell group: the seeds of one cell
 
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -118,11 +129,66 @@ def write_manifest(result, loaded, *, device_type: str, base_identity: dict) -> 
     }
     if result.provenance:
         manifest["metrics"] = result.provenance
-        generation = sum(s.seconds for s in result.stats.values())
-        run["scoring_seconds"] = round(result.scoring_seconds, 3)
-        run["scoring_to_generation_ratio"] = round(result.scoring_seconds / generation, 4) if generation else None
+        axes = frontier_axes(result.scores) if result.scores is not None and not result.scores.empty else None
+        manifest["columns"] = column_definitions(*(axes or (None, None)))
+        run["scoring"] = scoring_cost(result, previous.get("runs", []))
+        run["scoring_seconds"] = run["scoring"]["seconds"]
+        run["scoring_to_generation_ratio"] = run["scoring"]["ratio_per_image"]
     path.write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
+
+
+def column_definitions(x: str | None, y: str | None) -> dict:
+    """How to read the columns of cells.csv and summary.csv (written to manifest.json)."""
+    front = (f"True where no other method@weight has {x}_mean and {y}_mean both >= and one >; both are "
+             "maximised, and equal points do not dominate each other" if x and y else "not computed")
+    return {
+        "cells.csv": {
+            "<metric>": "per-image metrics: the image's value; diversity: the value of the image's seed group "
+                        "(prompt x method x weight), repeated on each image of the group",
+        },
+        "summary.csv": {
+            "rows": "one per method@weight, pooling every prompt and seed",
+            "<metric>_mean": "mean of the pooled values",
+            "<metric>_std": "sample standard deviation (ddof=1) of the pooled values: over images (seeds x "
+                            "prompts) for per-image metrics, over seed groups (one per prompt) for diversity; "
+                            "empty when n = 1; the frontier's error bars are +/- 1 std",
+            "<metric>_n": "number of pooled non-missing values: images for per-image metrics, seed groups "
+                          "(prompts) for diversity",
+            "on_pareto_front": front,
+        },
+    }
+
+
+def scoring_cost(result, earlier_runs: list) -> dict:
+    """What scoring cost this run, against what generation costs per image.
+
+    Scoring seconds cover embedding generated images and computing metrics; loading the backbones
+    (once per process) and embedding the references (once per study) are left out. Generation
+    seconds per image come from this run, else from the latest earlier run that generated images.
+    """
+    from .scoring import SCORING_COST_FILE
+
+    cost_path = result.run_dir / "scores" / SCORING_COST_FILE
+    embedded = json.loads(cost_path.read_text()).get("images_embedded") if cost_path.is_file() else None
+    generated = [(s.images, s.seconds) for s in result.stats.values()]
+    for run in reversed(earlier_runs):
+        if sum(images for images, _ in generated):
+            break
+        generated = [(m.get("images", 0), m.get("seconds", 0.0)) for m in run.get("methods", {}).values()]
+    images, seconds = sum(i for i, _ in generated), sum(s for _, s in generated)
+    generation_per_image = seconds / images if images else None
+    scoring_per_image = result.scoring_seconds / embedded if embedded else None
+    return {
+        "seconds": round(result.scoring_seconds, 3),
+        "images_embedded": embedded,
+        "seconds_per_image": round(scoring_per_image, 5) if scoring_per_image is not None else None,
+        "images_per_second": round(embedded / result.scoring_seconds, 2) if embedded and result.scoring_seconds else None,
+        "generation_seconds_per_image": round(generation_per_image, 5) if generation_per_image else None,
+        "ratio_per_image": (round(scoring_per_image / generation_per_image, 5)
+                            if scoring_per_image is not None and generation_per_image else None),
+        "excludes": "loading the scoring backbones and embedding the reference images",
+    }
 
 
 def _device_name(device: str) -> str:
@@ -140,25 +206,37 @@ def frontier_axes(scores: pd.DataFrame) -> tuple[str, str] | None:
     return (x, "clip_t") if x and "clip_t" in metrics else None
 
 
-def suggestions(summary: pd.DataFrame, x: str, y: str) -> list:
-    """Per method (baseline aside): the best-y weight keeping x at least the baseline's, if any."""
+def suggestions(summary: pd.DataFrame, x: str, y: str, min_x: float | None = None,
+                min_y: float | None = None) -> list:
+    """Per method (baseline aside), the suggested weights: first, for every method, the best-y weight
+    among those keeping mean x >= min_x; then the reverse, the best-x weight among those keeping mean
+    y >= min_y. A floor not given is the baseline's mean (no floor, no suggestion, without a baseline).
+    """
+    from dataclasses import replace
+
     from .frontier import suggest_weight
 
     baseline = summary[summary["method"] == "baseline"]
+    floors = []
+    for metric, given, keyword in ((x, min_x, "min_x"), (y, min_y, "min_y")):
+        if given is not None:
+            floors.append((keyword, float(given), "given"))
+        elif not baseline.empty and pd.notna(baseline[f"{metric}_mean"].iloc[0]):
+            floors.append((keyword, float(baseline[f"{metric}_mean"].iloc[0]), "the baseline's"))
     found = []
-    for method in dict.fromkeys(summary["method"]):
-        if method == "baseline" or baseline.empty:
-            continue
-        threshold = float(baseline[f"{x}_mean"].iloc[0])
-        suggestion = suggest_weight(summary, method, x=x, y=y, min_x=threshold)
-        if suggestion is not None:
-            found.append(suggestion)
+    for keyword, threshold, source in floors:
+        for method in dict.fromkeys(summary["method"]):
+            if method == "baseline":
+                continue
+            suggestion = suggest_weight(summary, method, x=x, y=y, **{keyword: threshold})
+            if suggestion is not None:
+                found.append(replace(suggestion, threshold_source=source))
     return found
 
 
 def write_scores(result) -> None:
     """scores.csv (long), summary.csv (per method@weight, with the Pareto front), frontier.html."""
-    from .plots import frontier_figure, write_frontier_html
+    from .plots import frontier_figure_with_x_menu, write_frontier_html
 
     scores = result.scores
     _atomic_csv(scores, result.run_dir / "scores.csv")
@@ -167,7 +245,9 @@ def write_scores(result) -> None:
         return
     summary = result.summary(*axes)
     _atomic_csv(summary, result.run_dir / "summary.csv")
-    figure = frontier_figure(summary, x=axes[0], y=axes[1], scores=scores, provenance=result.provenance)
+    # The HTML file offers both image-fidelity axes the run scored, DINO first.
+    xs = [x for x in ("dino", "clip_i") if x in set(scores["metric"])]
+    figure = frontier_figure_with_x_menu(summary, xs, y=axes[1], scores=scores, provenance=result.provenance)
     write_frontier_html(figure, result.run_dir / "frontier.html")
 
 

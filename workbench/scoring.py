@@ -20,6 +20,7 @@ from PIL import Image
 from .images import load_image
 
 DEFAULT_METRICS = ("clip_i", "clip_t", "dino", "diversity")
+SCORING_COST_FILE = "scoring_cost.json"  # in RUN_DIR/scores: images embedded and seconds of the last scoring
 SCORE_COLUMNS = ["prompt_index", "prompt", "method", "weight", "seed", "key", "metric", "value"]
 
 
@@ -68,7 +69,8 @@ class RunScores:
         references = [load_image(p, "subject.reference_images") for p in study.subject.reference_images]
         self.references = scorer.embed_references(references)
         self.records: dict[tuple[str, str], dict] = {}  # (method, key) -> cell description
-        self.seconds = 0.0
+        self.seconds = 0.0  # time spent embedding generated images (backbone loading and references excluded)
+        self.images_embedded = 0  # images embedded by this object (embedding-cache hits are not counted)
 
     def _load_cache(self) -> dict[str, dict[str, torch.Tensor]]:
         if not self.cache_path.exists():
@@ -90,6 +92,9 @@ class RunScores:
         partial = self.cache_path.with_suffix(".partial")
         save_file(flat, str(partial))
         partial.replace(self.cache_path)
+        # What this session's scoring cost, for the manifest (the run result carries only the seconds).
+        cost = {"images_embedded": self.images_embedded, "seconds": round(self.seconds, 4)}
+        (self.cache_path.parent / SCORING_COST_FILE).write_text(json.dumps(cost))
 
     def add(self, results, images: list[Image.Image] | None = None) -> None:
         """Embed the images of `results` not embedded yet, in one batch per backbone."""
@@ -107,6 +112,7 @@ class RunScores:
             embedded = self.scorer.embed_images(pictures, prompts)
             for row, (_, result) in enumerate(todo):
                 self.embeddings[result.key] = {kind: rows[row].cpu() for kind, rows in embedded.items()}
+            self.images_embedded += len(todo)
         self.seconds += time.perf_counter() - start
 
     def frame(self) -> pd.DataFrame:
