@@ -88,7 +88,7 @@ def test_batched_run_writes_the_images_of_a_cell_by_cell_run(tmp_path, tiny_base
     single = run_study(study, tmp_path / "single", loaded=tiny_base, batch_size=1, show_progress_bar=False, score=False)
     batched = run_study(study, tmp_path / "batched", loaded=tiny_base, batch_size=8, show_progress_bar=False,
                         score=False)
-    assert batched.complete and batched.generated == single.generated == 14
+    assert batched.complete and batched.generated == single.generated == 12  # 14 cells; IP-Adapter@0 = baseline
     for one, many in zip(single.results, batched.results):
         assert one.key == many.key
         difference = np.abs(png(one.image_path) - png(many.image_path)).max()

@@ -237,3 +237,30 @@ def test_single_file_checkpoint_offline_says_which_configs_to_fetch(tmp_path, xl
     expected = "stabilityai/stable-diffusion-xl-base-1.0" if xl else "stable-diffusion-v1-5/stable-diffusion-v1-5"
     with pytest.raises(StudyError, match=rf"my_model\.safetensors is a single-file checkpoint.*download {expected}"):
         run_study(study, tmp_path / "run", show_progress_bar=False, score=False)
+
+
+def test_model_cpu_offload_makes_the_same_images(full_run, tmp_path, monkeypatch):
+    # On this CPU-only machine the "device" is the CPU too, so offloading moves nothing, but every
+    # method still loads and runs through diffusers' offload hooks (dreambooth re-hooks its swapped models).
+    # diffusers' loaders re-apply offload on the detected accelerator and refuse "cpu"; name it "cpu:0".
+    import diffusers.pipelines.pipeline_utils as pipeline_utils
+    import torch
+
+    from workbench.models import LoadedBase, base_identity, load_pipeline_uncached
+
+    monkeypatch.setattr(pipeline_utils, "get_device", lambda: "cpu:0")
+    pipe = load_pipeline_uncached("tiny", dtype=torch.float32, device="cpu", offload="model")
+    assert pipe._all_hooks
+    loaded = LoadedBase(pipe, base_identity("tiny"), dict(pipe.scheduler.config), "cpu", torch.float32, "model")
+    result = run_study(parse_study(tiny_study(seeds=[1], methods=ALL_METHODS)), tmp_path, loaded=loaded,
+                       show_progress_bar=False, score=False)
+    assert result.complete and result.generated == 7
+    for made in result.results:
+        same = pixels(full_run, method=made.method, weight=made.cell.weight, seed=1)
+        assert np.array_equal(np.asarray(Image.open(made.image_path)), same), (made.method, made.cell.weight)
+
+
+def test_cli_refuses_an_unknown_offload_mode(tmp_path):
+    command = [sys.executable, "-m", "workbench", "run", str(REPO / "presets/tiny.yaml"), "--offload", "disk"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and "argument --offload: invalid choice: 'disk'" in done.stderr

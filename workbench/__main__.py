@@ -14,8 +14,8 @@ def _run(args) -> int:
 
     study = load_study(args.preset, max_cells=args.max_cells)
     out = Path(args.out or Path("runs") / study.name)
-    result = run_study(study, out, batch_size=args.batch_size, device=args.device, score=not args.no_score,
-                       scoring=_scoring(study, args))
+    result = run_study(study, out, batch_size=args.batch_size, device=args.device, offload=args.offload,
+                       score=not args.no_score, scoring=_scoring(study, args))
     cached = len(result.results) - result.generated
     print(f"{study.name}: {result.generated} generated, {cached} cached, "
           f"{len(result.results)}/{len(study.cells())} cells in {result.wall_seconds:.1f} s -> {out}")
@@ -70,6 +70,7 @@ def _score(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import StudyError
+    from .models import OFFLOAD_MODES
 
     parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", help="run folder (default runs/NAME)")
     run.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default: 1 on CPU, from free memory on GPU)")
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    run.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
+                     help="model: keep models in CPU RAM, each moved to the GPU while it runs (smaller GPUs, a little slower)")
     run.add_argument("--max-cells", type=int, default=None, help="override the preset's max_cells")
     run.add_argument("--no-score", action="store_true", help="generate only; score later with `score`")
     score = commands.add_parser("score", help="(re)score an existing run folder without generating")

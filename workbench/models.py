@@ -26,6 +26,13 @@ SD15_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_CONFIG_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
+# How the pipeline sits in memory: all on the device, or in CPU RAM with each model moved to the
+# device while it runs (diffusers' model offload), for smaller cards. Sequential (layer by layer)
+# offload is left out: its weights live on the meta device, where textual inversion and DreamBooth
+# weight edits cannot reach them.
+OFFLOAD_MODES = ("none", "model")
+
+
 @dataclass(frozen=True)
 class LoadedBase:
     """A loaded base pipeline plus what the study runner needs to use it without mutating defaults."""
@@ -35,6 +42,7 @@ class LoadedBase:
     default_scheduler_config: dict
     device: str
     dtype: torch.dtype
+    offload: str = "none"
 
     @property
     def is_sdxl(self) -> bool:
@@ -78,7 +86,8 @@ def _is_sdxl_single_file(path: Path) -> bool:
         return any(key.startswith("conditioner.embedders.1") for key in handle.keys())
 
 
-def load_pipeline_uncached(source: WeightSource | str, *, dtype: torch.dtype, device: str, field: str = "base"):
+def load_pipeline_uncached(source: WeightSource | str, *, dtype: torch.dtype, device: str, field: str = "base",
+                           offload: str = "none"):
     """Load a text-to-image pipeline with diffusers' own loaders; the class follows the checkpoint."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -117,16 +126,32 @@ def load_pipeline_uncached(source: WeightSource | str, *, dtype: torch.dtype, de
         # A research grid must show what the model made; blacked-out cells would also poison the scores.
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return place_pipeline(pipe, device, offload)
+
+
+def place_pipeline(pipe, device: str, offload: str = "none"):
+    """Put `pipe` on `device` (or offload it there); channels-last convolutions on GPU."""
+    if device.startswith("cuda"):
+        for name in ("unet", "vae"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "none":
+        pipe.to(device)
+    else:
+        raise StudyError(f"offload: unknown mode {offload!r} (known: {', '.join(OFFLOAD_MODES)})")
+    return pipe
 
 
 @lru_cache(maxsize=1)
-def load_base(base: str, dtype_name: str = "auto", device: str | None = None) -> LoadedBase:
+def load_base(base: str, dtype_name: str = "auto", device: str | None = None, offload: str = "none") -> LoadedBase:
     """The base pipeline for a study, cached: loading another base releases this one."""
     device = pick_device(device)
     dtype = pick_dtype(dtype_name, device)
-    pipe = load_pipeline_uncached(base_source(base), dtype=dtype, device=device)
-    return LoadedBase(pipe, base_identity(base), dict(pipe.scheduler.config), device, dtype)
+    pipe = load_pipeline_uncached(base_source(base), dtype=dtype, device=device, offload=offload)
+    return LoadedBase(pipe, base_identity(base), dict(pipe.scheduler.config), device, dtype, offload)
 
 
 def make_scheduler(loaded: LoadedBase, name: str):

@@ -171,6 +171,7 @@ def run_study(
     loaded: LoadedBase | None = None,
     batch_size: int | None = None,
     device: str | None = None,
+    offload: str = "none",
     progress: Callable[[ProgressEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     show_progress_bar: bool = True,
@@ -185,6 +186,7 @@ def run_study(
     is polled at every denoising step: when it returns True the batch in flight is dropped and the
     run returns with `stopped=True`. Finished images are on disk whatever happens, so running the
     same study again generates only what is missing. Ctrl-C behaves like Stop, then re-raises.
+    `offload` ("model" or "sequential") keeps the models in CPU RAM between uses, for smaller GPUs.
 
     With `score`, every image is scored as its batch finishes (`result.scores`), with the metrics and
     backbones of `scoring` (default: ScoringSpec.for_study). `generate=False` only (re)scores and
@@ -257,7 +259,7 @@ def run_study(
     interrupted: BaseException | None = None
     try:
         if missing:
-            loaded = loaded or load_base(study.base, study.dtype, device)
+            loaded = loaded or load_base(study.base, study.dtype, device, offload)
             pipe = loaded.pipe
             pipe.scheduler = make_scheduler(loaded, study.scheduler)
             with attached(_BaseLorasMethod(), pipe, study):
@@ -374,7 +376,9 @@ def _pipe_call(pipe, study: Study, cells: list[Cell], attachment, should_stop, o
             raise StopRequested()
         return callback_kwargs
 
-    with torch.inference_mode():
+    # no_grad, not inference_mode: under CPU offload the hooks move weights inside this block, and
+    # inference tensors would then refuse the next set_adapters (peft sets requires_grad).
+    with torch.no_grad():
         negative_prompt = study.negative_prompt if study.guidance > 1.0 else None
         kwargs.update(_prompt_embeds(pipe, [study.render_prompt(cell) for cell in cells], negative_prompt))
         output = pipe(

@@ -48,12 +48,15 @@ class _DreamBoothAttachment:
         from ..models import load_pipeline_uncached
 
         self.pipe = pipe
-        tuned = load_pipeline_uncached(method.checkpoint, dtype=pipe.dtype, device=pipe.device,
+        model_offload = bool(getattr(pipe, "_all_hooks", None))
+        device = "cpu" if model_offload else str(pipe._execution_device)
+        tuned = load_pipeline_uncached(method.checkpoint, dtype=pipe.dtype, device=device,
                                        field="dreambooth.checkpoint")
         self.originals = {name: getattr(pipe, name) for name in SWAPPED if getattr(pipe, name, None) is not None}
         self.tuned_unet_state = None
         for name in self.originals:
             setattr(pipe, name, getattr(tuned, name))
+        pipe.maybe_free_model_hooks()  # under model offload, hooks for the swapped-in models (else a no-op)
         self.current_weight = 1.0
 
     def call_kwargs(self, weights):
@@ -75,3 +78,4 @@ class _DreamBoothAttachment:
     def release(self):
         for name, module in self.originals.items():
             setattr(self.pipe, name, module)
+        self.pipe.maybe_free_model_hooks()
