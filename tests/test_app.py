@@ -105,8 +105,9 @@ def test_bad_uploads_are_refused_by_name(tmp_path):
     for name, (data, message) in cases.items():
         path = tmp_path / name
         path.write_bytes(data)
-        with pytest.raises(StudyError, match=rf"reference image {name}: .*{message}"):
+        with pytest.raises(StudyError, match=rf"^reference image {name} is .*{message}") as refused:
             ui.normalize_reference(path, tmp_path / "refs", f"reference image {name}")
+        assert "BytesIO" not in str(refused.value) and "upload is" not in str(refused.value)
 
 
 def test_odd_uploads_become_upright_8bit_rgb_pngs(tmp_path):
@@ -228,7 +229,16 @@ def test_views_of_a_run_folder_show_scores_and_open_a_clicked_column(scored_run)
     assert ui.column_for_click(run_dir, "baseline|0") == "baseline"
     items, caption = ui.column_detail(run_dir, "lora@1")
     assert len(items) == 2 and all(Path(path).is_file() for path, _ in items)
-    assert "seed 1" in items[1][1] and "DINO" in items[1][1] and caption.startswith("`lora@1` — 2 images")
+    assert items[1][1].startswith("DINO ") and "seed 1" in items[1][1]  # scores first: a phone cuts the end
+    assert caption.startswith("`lora@1` — 2 images") and ui.column_seeds(run_dir, "lora@1") == 2
+
+
+def test_a_run_stopped_before_any_method_says_when_a_weight_will_be_suggested(scored_run):
+    scores = scored_run.scores
+    views = ui.score_views(scores[scores["method"] == "baseline"], scored_run.provenance,
+                           ui._live_columns(scored_run), "dino")
+    assert list(views.table["method@weight"]) == ["baseline"]
+    assert "appears once a method" in views.suggestion and "try higher weights" not in views.suggestion
 
 
 def test_the_run_zip_holds_everything_and_loads_back_to_continue(scored_run, tmp_path, tiny_base):

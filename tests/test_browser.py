@@ -7,6 +7,7 @@ desktop (1280x800) and phone (390x844) screenshots.
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,8 @@ def test_study_streams_the_grid_scores_and_frontier(page, tmp_path):
     assert sorted(labels.all_inner_texts()) == ["ip_adapter@0.3", "ip_adapter@0.7", "lora@0.6", "lora@1"]
     page.wait_for_selector("#frontier .js-plotly-plot .scatterlayer .trace", timeout=10_000)
     assert page.locator("#column-gallery img").count() == 2  # the suggested column, one image per seed
+    caption = page.locator("#column-gallery .caption-label").first.inner_text()
+    assert caption.startswith("DINO ") and "seed 0" in caption  # scores first: a phone cuts the end
 
     # a click on a frontier marker opens that method@weight
     marker = page.locator("#frontier .scatterlayer .trace .points path").last
@@ -132,4 +135,24 @@ def test_study_streams_the_grid_scores_and_frontier(page, tmp_path):
     page.set_viewport_size({"width": 390, "height": 844})
     page.wait_for_timeout(500)
     screenshot(page, "ui_phone.png", tmp_path)
+    # on a phone nothing runs off the right edge: not the page, not the frontier's axis titles
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    plot = page.locator("#frontier .main-svg").first.bounding_box()
+    for title in ("#frontier .xtitle", "#frontier .ytitle"):
+        box = page.locator(title).bounding_box()
+        assert plot["x"] <= box["x"] and box["x"] + box["width"] <= plot["x"] + plot["width"], title
     page.set_viewport_size({"width": 1280, "height": 800})
+
+
+def test_stop_ends_a_long_job_within_seconds_and_says_what_is_kept(page):
+    page.get_by_label("Steps").fill("200")  # tens of seconds a batch here: Stop must not wait for it
+    page.get_by_label("Steps").press("Tab")
+    page.click("#generate")
+    page.wait_for_selector("#status .wb-progress.running", timeout=30_000)
+    page.wait_for_timeout(1500)  # into the denoising loop
+    started = time.perf_counter()
+    page.click("#stop")
+    page.wait_for_selector("#status .wb-progress.stopped", timeout=30_000)
+    assert time.perf_counter() - started < 10
+    assert "Press Generate to continue" in page.inner_text("#status")
+    assert page.locator("#generate").is_enabled()

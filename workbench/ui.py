@@ -33,7 +33,7 @@ import yaml
 from .errors import StudyError
 from .export import saved_study, unzip_run, zip_run
 from .frontier import metric_label, summarize
-from .images import load_image
+from .images import MAX_IMAGE_PIXELS, load_image
 from .report import grid_images
 from .runner import RunResult
 from .spec import DTYPES, SCHEDULERS, parse_study
@@ -47,7 +47,8 @@ MAX_REFERENCES = 5
 STOP_FILE = ".stop"  # a file, not an Event: it reaches a ZeroGPU worker process too
 X_AXES = [("DINO", "dino"), ("CLIP-I", "clip_i")]
 TABLE_METRICS = ("dino", "clip_i", "clip_t", "diversity")
-TABLE_HEADERS = ["method@weight", "DINO", "CLIP-I", "CLIP-T", "diversity", "n", "front"]
+# "front" second: on a phone only the first columns show without scrolling
+TABLE_HEADERS = ["method@weight", "front", "DINO", "CLIP-I", "CLIP-T", "diversity", "n"]
 PUBLIC_MAX_CELLS = 64
 PUBLIC_MAX_STEPS = 50
 PUBLIC_MAX_SIZE = 1024
@@ -208,7 +209,10 @@ def _numbers_text(values) -> str:
 def normalize_reference(source: str | Path, folder: Path, field_name: str) -> Path:
     """Decode an upload (any mode, EXIF-rotated, alpha) into an 8-bit RGB PNG named by its content."""
     # bytes, not the path: messages then name the field, not a temp path the user never saw
-    image = load_image(Path(source).read_bytes() if Path(source).is_file() else source, field=field_name)
+    try:
+        image = load_image(Path(source).read_bytes() if Path(source).is_file() else source, field=field_name)
+    except StudyError as error:
+        raise StudyError(_upload_message(str(error), field_name)) from None
     folder.mkdir(parents=True, exist_ok=True)
     data = image.tobytes()
     digest = hashlib.sha256(f"{image.size}".encode() + data).hexdigest()[:16]
@@ -218,6 +222,25 @@ def normalize_reference(source: str | Path, folder: Path, field_name: str) -> Pa
         image.save(partial, format="PNG")
         partial.replace(path)
     return path
+
+
+def _upload_message(message: str, field_name: str) -> str:
+    """load_image's message for bytes, said about the named file and ending in what to do.
+
+    'F: upload is not an image PIL can decode (cannot identify image file <_io.BytesIO ...>)'
+    -> 'F is not an image PIL can decode: upload a PNG, JPEG or WebP file'
+    """
+    message = message.replace(f"{field_name}: upload is ", f"{field_name} is ", 1)
+    message = re.sub(r" \(cannot identify image file <_io\.BytesIO object at 0x[0-9a-fA-F]+>\)", "", message)
+    bomb = re.search(r"Image size \((\d+) pixels\) exceeds .*decompression bomb", message)
+    if bomb:
+        return (f"{field_name} is {int(bomb.group(1)) / 1e6:.0f} MP, far over the {MAX_IMAGE_PIXELS / 1e6:.0f} MP "
+                "limit (refused unread as a possible decompression bomb): downscale it first")
+    if "not an image" in message:
+        message += ": upload a PNG, JPEG or WebP file"
+    elif "corrupt or truncated" in message:
+        message += ": re-save it as PNG or JPEG and upload it again"
+    return message
 
 
 def new_run_dir(runs_dir: Path, name: str) -> Path:
@@ -379,14 +402,14 @@ def score_views(scores: pd.DataFrame | None, provenance: dict, columns: dict, x:
     rows = []
     for _, row in summary.iterrows():
         key = (row["method"], float(row["weight"]))
-        item = {"method@weight": columns.get(key, f"{row['method']}@{row['weight']:g}")}
+        item = {"method@weight": columns.get(key, f"{row['method']}@{row['weight']:g}"),
+                "front": "★" if row["on_pareto_front"] else ""}
         for metric in TABLE_METRICS:
             if f"{metric}_mean" in summary:
                 mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
                 item[metric_label(metric)] = "" if pd.isna(mean) else (
                     f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f}\u202f±\u202f{std:.3f}")
         item["n"] = int(row[f"{x}_n"])
-        item["front"] = "★" if row["on_pareto_front"] else ""
         rows.append(item)
     views.table = pd.DataFrame(rows)
     figure = frontier_figure(summary, x=x, y=y, scores=scores, provenance=provenance)
@@ -398,6 +421,8 @@ def score_views(scores: pd.DataFrame | None, provenance: dict, columns: dict, x:
     if found:
         views.suggested = columns.get((found[0].method, found[0].weight))
         views.suggestion = "\n".join(f"- **Suggested:** {s.sentence}" for s in found)
+    elif set(summary["method"]) <= {"baseline"}:  # stopped, or still running, before any method cell
+        views.suggestion = "The suggested weight appears once a method's cells are scored beside the baseline."
     elif "baseline" in set(summary["method"]):
         views.suggestion = (f"No weight of any method keeps {metric_label(x)} at or above the baseline's; "
                             "try higher weights.")
@@ -457,11 +482,19 @@ def column_detail(run_dir: Path, column: str) -> tuple[list, str]:
     metrics = [m for m in ("dino", "clip_i", "clip_t") if m in rows]
     items = []
     for _, row in rows.iterrows():
+        # scores first: a narrow screen cuts the end of a caption
         scores = " · ".join(f"{metric_label(m)} {row[m]:.3f}" for m in metrics if pd.notna(row[m]))
-        caption = f"{row['prompt']} · seed {row['seed']}" + (f" · {scores}" if scores else "")
+        caption = (f"{scores} · " if scores else "") + f"seed {row['seed']} · {row['prompt']}"
         items.append((str(run_dir / row["image"]), caption))
     means = " · ".join(f"{metric_label(m)} {_mean_std(rows[m])}" for m in metrics if rows[m].notna().any())
-    return items, f"`{column}` — {len(rows)} images" + (f" · {means}" if means else "")
+    layout = " (prompt by prompt, one per seed)" if rows["seed"].nunique() > 1 else ""
+    return items, f"`{column}` — {len(rows)} images{layout}" + (f" · {means}" if means else "")
+
+
+def column_seeds(run_dir: Path, column: str) -> int:
+    """How many seeds one column has: the gallery shows one row per prompt, one image per seed."""
+    cells = _read_cells(run_dir)
+    return 0 if cells is None else int(cells.loc[cells["column"] == column, "seed"].nunique())
 
 
 def column_for_click(run_dir: Path, text: str) -> str | None:
@@ -526,7 +559,7 @@ class Form:
                 self.loras = gr.Dropdown(list(choices.lora), label="LoRA(s) on every cell", multiselect=True,
                                          allow_custom_value=custom, scale=3, min_width=200)
                 self.lora_weight = gr.Number(1.0, label="LoRA weight", minimum=-2, maximum=2, step=0.05,
-                                             scale=1, min_width=90)
+                                             scale=2, min_width=120)
         with gr.Accordion("2 · Subject", open=True):
             self.demo_subject = gr.Dropdown(
                 [("— upload your own —", "")] + [(p.stem, str(p.resolve())) for p in sorted(ASSETS.glob("*.png"))],
@@ -535,8 +568,8 @@ class Form:
             self.uploads = gr.UploadButton(f"Upload reference images (1–{MAX_REFERENCES})", file_count="multiple",
                                            file_types=["image"], elem_id="reference-upload", size="md")
             # shown as the methods see them: upright, 8-bit RGB, transparency on white
-            self.reference_gallery = gr.Gallery(label="References", columns=5,
-                                                height=140, object_fit="cover", allow_preview=False,
+            self.reference_gallery = gr.Gallery(label="References", show_label=False, columns=5,
+                                                height="auto", object_fit="cover", allow_preview=False,
                                                 preview=False, interactive=False, fit_columns=False,
                                                 elem_id="reference-gallery", buttons=[])
             with gr.Row():
@@ -691,20 +724,32 @@ CSS = """
 .wb-method [id^="use-"] label { background: none !important; border: none !important; box-shadow: none !important; }
 .wb-method [id^="weights-"] { flex: 2 1 100px !important; }
 .wb-method [id^="option-"] { flex: 3 1 140px !important; }
-.wb-banner { border-left: 4px solid #d9822b; padding: 6px 10px; background: var(--neutral-50); }
+.wb-banner { border-left: 4px solid #d9822b; padding: 6px 10px; background: var(--neutral-50); flex-wrap: wrap; }
+#banner-text { flex: 1 1 260px !important; min-width: 240px !important; }
 #plot-click { display: none !important; }
 #grid-image img { object-fit: contain; }
+/* room above the grid for the download / fullscreen buttons, which would cover its column headers */
+#grid-image .image-frame { padding-top: 34px; }
+#column-gallery .caption-label { white-space: normal; max-width: calc(100% - 2 * var(--block-label-margin));
+  font-size: 12px; line-height: 1.3; }
 #score-table [role=gridcell], #score-table [role=columnheader] { font-size: 12.5px; }
 #column-gallery .grid-wrap, #reference-gallery .grid-wrap { height: auto !important; min-height: 0 !important; }
 #column-gallery .grid-wrap { max-height: 720px !important; }
 #frontier-title p { margin: 0; }
 #frontier-note p { font-size: 0.85em; margin: 0; color: var(--body-text-color-subdued); }
-@media (max-width: 640px) { .gradio-container { padding: 4px !important; } }
+@media (max-width: 640px) {
+  #column-gallery .grid-container { grid-template-columns: 1fr !important; }
+  #frontier .xtitle, #frontier .ytitle { font-size: 11px !important; }  /* the x title overran the right edge */
+}
 """
 
 # Plotly click -> hidden button: gr.Plot has no select event, so the page script keeps the clicked
 # point in window.workbenchClick and clicks the button, whose event reads it through `js`.
 HEAD = """
+<style>
+  /* Unscoped (css= is scoped inside .contain): 32 px a side is a tenth of a phone's width. */
+  @media (max-width: 640px) { .gradio-container .main.fillable { padding: 8px !important; } }
+</style>
 <script>
 (() => {
   function bind() {
@@ -794,7 +839,7 @@ class Workbench:
                     "method × weight × seed × prompt, scored live (CLIP-I, CLIP-T, DINO) on a fidelity frontier.")
         banner_text = _device_banner(str(self.initial.get("base", "")))
         with gr.Row(visible=bool(banner_text), elem_classes="wb-banner") as self.banner:
-            gr.Markdown(banner_text)
+            gr.Markdown(banner_text, elem_id="banner-text")
             self.tiny_button = gr.Button("Load the tiny preset", size="sm", scale=0, min_width=160)
 
         with gr.Row(equal_height=False):
@@ -837,19 +882,20 @@ class Workbench:
                 self.table = gr.Dataframe(
                     Views().table, label="Scores per method@weight (mean ± std over prompts and seeds; click a row "
                     "to inspect it)", interactive=False, elem_id="score-table", max_height=420,
-                    column_widths=["140px", "124px", "124px", "124px", "102px", "36px", "58px"])
+                    column_widths=["140px", "58px", "124px", "124px", "124px", "102px", "36px"])
                 with gr.Accordion("Inspect one method@weight", open=True):
                     self.column_pick = gr.Dropdown([], label="Column", elem_id="column-pick")
                     self.column_info = gr.Markdown("")
-                    self.column_gallery = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain",
-                                                     elem_id="column-gallery")
+                    self.column_gallery = gr.Gallery(label="Images", show_label=False, columns=2, height="auto",
+                                                     object_fit="contain", fit_columns=False, elem_id="column-gallery")
                 # clicked by the page script (HEAD) when a frontier point is clicked; hidden by CSS
                 self.plot_click = gr.Button("inspect the clicked point", elem_id="plot-click", size="sm")
                 with gr.Accordion("Export", open=False):
                     self.export_button = gr.Button("Export the run as .zip")
                     self.export_file = gr.File(label="Run zip: grids, images with metadata, cells.csv, summary.csv, "
                                                "frontier.html, manifest.json", interactive=False)
-                with gr.Accordion("Study YAML (the same schema as presets/ and the /run API)", open=False):
+                with gr.Accordion("Study YAML", open=False):
+                    gr.Markdown("The same schema as `presets/*.yaml` and the `/run` API.", elem_classes="wb-hint")
                     self.yaml_code = gr.Code(_yaml(self.initial), language="yaml", lines=14, max_lines=40,
                                              interactive=True)
                     with gr.Row():
@@ -1141,7 +1187,12 @@ class Workbench:
         return {self.plot: views.figure, self.table: views.table, self.suggestion: views.suggestion}
 
     def on_column(self, run_dir: str | None, column: str | None):
-        return column_detail(Path(run_dir), column) if run_dir and column else ([], "")
+        if not (run_dir and column):
+            return [], ""
+        items, info = column_detail(Path(run_dir), column)
+        # 2 to 4 across: one image alone would fill the whole panel
+        columns = min(4, max(2, column_seeds(Path(run_dir), column)))
+        return gr.update(value=items, columns=columns), info
 
     def on_table_select(self, event: gr.SelectData):
         row = event.row_value or []
