@@ -104,6 +104,22 @@ def test_blank_prompt_is_refused():
         parse_study(tiny_study(prompts=["a {class}", "   "]))
 
 
+def test_a_literal_identifier_in_a_prompt_is_refused():
+    with pytest.raises(StudyError, match=r"prompts\[1\]: writes the identifier 'sks' literally; write \{subject\}"):
+        parse_study(tiny_study(prompts=["a {subject} {class}", "a sks cat in the snow"]))
+    # a word that merely contains the token is not the token
+    assert parse_study(tiny_study(prompts=["a {subject} {class} on the asks-table"])).prompts
+
+
+def test_a_clip_choice_for_a_tiny_study_is_refused():
+    from workbench.scoring import ScoringSpec
+
+    study = parse_study(tiny_study())
+    with pytest.raises(StudyError, match="clip: a tiny study scores with tiny random CLIP"):
+        ScoringSpec.for_study(study, clip="ViT-L-14")
+    assert ScoringSpec.for_study(study).clip == ("ViT-B-32", "tiny")
+
+
 def test_too_many_cells_is_refused_with_the_count():
     data = tiny_study(seeds=list(range(10)), max_cells=5)
     with pytest.raises(StudyError, match=r"max_cells: the study has 10 cells, more than max_cells=5"):

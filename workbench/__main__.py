@@ -34,12 +34,16 @@ def _scoring(study, args):
 
 
 def _print_scores(result) -> None:
-    from .report import frontier_axes, suggestions
+    from .report import frontier_axes, scoring_cost, suggestions
 
     if result.scores is None or result.scores.empty:
         return
     backbones = ", ".join(f"{name}: {meta['backbone']}" for name, meta in result.provenance.items())
     print(f"scored {len(result.results)} images in {result.scoring_seconds:.2f} s ({backbones})")
+    cost = scoring_cost(result, [])
+    if cost["ratio_per_image"] is not None:
+        print(f"scoring cost: {cost['seconds_per_image'] * 1000:.1f} ms per image, "
+              f"{cost['ratio_per_image']:.1%} of generating one")
     axes = frontier_axes(result.scores)
     if axes is None:
         return

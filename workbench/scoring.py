@@ -36,6 +36,11 @@ class ScoringSpec:
     def for_study(cls, study, metrics=None, clip: str | None = None) -> "ScoringSpec":
         metrics = tuple(metrics or DEFAULT_METRICS)
         if study.is_tiny:
+            if clip not in (None, "ViT-B-32"):
+                from .errors import StudyError
+
+                raise StudyError(f"clip: a tiny study scores with tiny random CLIP and DINO models; {clip} applies "
+                                 "only to real bases")
             return cls(metrics, ("ViT-B-32", "tiny"), "tiny")
         clip_model = clip or "ViT-B-32"
         return cls(metrics, (clip_model, "openai"), "facebook/dino-vits16")

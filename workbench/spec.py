@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,9 @@ def parse_study(data: Any, source: str = "<study>", base_dir: Path | None = None
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise fail(f"prompts[{index}]", "empty prompt")
+        if subject.token.strip() and re.search(rf"(?<!\w){re.escape(subject.token.strip())}(?!\w)", prompt):
+            raise fail(f"prompts[{index}]", f"writes the identifier {subject.token!r} literally; write {{subject}} so "
+                                            "the baseline, IP-Adapter and CLIP-T prompts can leave it out")
 
     seeds = _int_list(data.get("seeds", [0]), "seeds", fail)
     if not seeds:
