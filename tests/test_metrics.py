@@ -391,3 +391,15 @@ def test_dino_refuses_a_checkpoint_that_would_leave_layers_random(tmp_path, scor
 
     with pytest.raises(RuntimeError, match=r"lacks or misshapes \d+ weights .*layers\.1\."):
         DinoBackbone(str(tmp_path))
+
+
+def test_images_preprocessed_in_threads_keep_their_order(scorer):
+    dino = scorer.backbones["dino"]
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in
+              [(300, 260), (256, 256), (512, 384), (240, 320), (280, 280), (600, 300)]]
+    together = dino.embed_images(images, batch_size=4)
+    one_by_one = torch.cat([dino.embed_images([image]) for image in images])
+    # each row is its own image's embedding (batch-of-1 kernels differ from batch-of-N only by rounding)
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+    assert (together @ one_by_one.T).argmax(dim=1).tolist() == list(range(len(images)))
