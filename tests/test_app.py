@@ -215,6 +215,12 @@ def test_a_failing_job_keeps_what_it_generated(tmp_path):
     assert len(list((run_dir / "images").rglob("*.png"))) == 2
 
 
+def test_a_failure_promises_kept_images_only_when_there_are_some():
+    assert ui.failure_text(0, 60, "base: not cached") == ("Failed before the first image: base: not cached. "
+                                                          "Fix that and press Generate.")
+    assert "The 2 finished images are kept" in ui.failure_text(2, 6, "out of memory")
+
+
 # ---------------------------------------------------------------- views, export, load back
 
 

@@ -517,6 +517,14 @@ def column_for_click(run_dir: Path, text: str) -> str | None:
     return str(match["column"].iloc[0]) if not match.empty else None
 
 
+def failure_text(done: int, total: int, message: str) -> str:
+    """What the status line says after a failed job; it promises kept images only when there are some."""
+    if not done:
+        return f"Failed before the first image: {message}. Fix that and press Generate."
+    return (f"Failed after {done}/{total} cells: {message}. The {done} finished images are kept; "
+            "press Generate to make the rest.")
+
+
 def progress_html(done: int, total: int, text: str, state: str = "running") -> str:
     percent = 100.0 * done / total if total else 0.0
     return (f'<div class="wb-progress {state}"><div class="wb-bar"><div style="width:{percent:.1f}%"></div></div>'
@@ -1133,8 +1141,8 @@ class Workbench:
         study = parse_study(data, source="study", base_dir=REPO)
         total = len(study.cells())
         why_unscored = _scorer_available(study)
-        if why_unscored:
-            gr.Warning(f"Scores are off for this run: {why_unscored}")
+        if why_unscored:  # the CLI's way out means nothing here: the run goes on, unscored
+            gr.Warning(f"Scores are off for this run: {why_unscored.replace(', or pass --no-score', '')}")
         yield {**self.render(live_views(RunResult(study, run_dir, []), x, False),
                              progress_html(0, total, "Loading the base model …")),
                self.generate_button: gr.update(interactive=False)}
@@ -1157,12 +1165,10 @@ class Workbench:
         except Exception as error:
             done = len(last.run.results) if last is not None else 0
             message = (str(error) if isinstance(error, StudyError) else f"{type(error).__name__}: {error}").rstrip(".")
-            yield {**self.render(disk_views(run_dir, x), progress_html(
-                       done, total, f"Failed after {done}/{total} cells: {message}. Finished images are kept; "
-                       "press Generate to retry the rest.", "failed")),
+            text = failure_text(done, total, message)
+            yield {**self.render(disk_views(run_dir, x), progress_html(done, total, text, "failed")),
                    self.generate_button: gr.update(interactive=True)}
-            raise gr.Error(f"The job failed after {done}/{total} cells ({message}). Finished images are kept in the "
-                           "run folder; press Generate to retry the rest.") from None
+            raise gr.Error(text) from None  # the status line may be scrolled off a phone's screen
         result: RunResult = last
         (run_dir / STOP_FILE).unlink(missing_ok=True)
         cached = len(result.results) - result.generated
