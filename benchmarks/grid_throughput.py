@@ -303,7 +303,10 @@ def run_batched(loaded, study, scoring, batch_size: int, out_dir: Path, flops_pe
             int(np.abs(np.asarray(naive_images[(r.method, r.cell.prompt_index, r.cell.weight, r.cell.seed)], dtype=int)
                        - np.asarray(load_image(str(r.image_path)), dtype=int)).max())
             for r in result.results)
-    return Row(f"batched (run_study, batch {batch_size})", result.generated, wall, meter.seconds(),
+    # Every cell counts as delivered; cells sharing the baseline's image (weight 0) are made once.
+    shared = len(result.results) - result.generated
+    name = f"batched (run_study, batch {batch_size}" + (f"; {shared} weight-0 cells shared)" if shared else ")")
+    return Row(name, len(result.results), wall, meter.seconds(),
                flops_per_latent * meter.rows, peak_memory(loaded.device), result.scoring_seconds, difference)
 
 

@@ -54,21 +54,32 @@ def _rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _embed_in_batches(encode, preprocess, images, batch_size: int, device: torch.device) -> torch.Tensor:
+def _embed_in_batches(encode, preprocess, images, batch_size: int, device: torch.device,
+                      threads: bool | None = None) -> torch.Tensor:
     """Stack `preprocess(image)` batch by batch, encode, L2-normalise; float32 rows on `device`.
 
-    PIL resizes outside the GIL, so a thread per core preprocesses; on a GPU the CPU-side resize,
-    not the encoder, is what limits images per second. The result is the same as one thread's.
+    With a GPU encoder the CPU-side PIL resize is what limits images per second, so a thread per
+    core preprocesses (PIL resizes outside the GIL; the tensors are the same as one thread's). On a
+    CPU-only machine the threads were measured to slow the UNet sharing those cores (tiny benchmark,
+    2 cores: batched UNet 5.5 s -> 9.2 s), so there `threads` defaults to off.
     """
+    threads = device.type == "cuda" if threads is None else threads
     rows = []
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with torch.inference_mode(), ThreadPoolExecutor(workers) as pool:
+    prepare = lambda image: preprocess(_rgb(image))  # noqa: E731
+    with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.stack(list(pool.map(lambda image: preprocess(_rgb(image)), images[start : start + batch_size])))
-            rows.append(encode(batch.to(device)).float())
+            chunk = images[start : start + batch_size]
+            prepared = _preprocess_pool().map(prepare, chunk) if threads and len(chunk) > 1 else map(prepare, chunk)
+            rows.append(encode(torch.stack(list(prepared)).to(device)).float())
     if not rows:
         raise ValueError("embed_images: got no images")
     return torch.nn.functional.normalize(torch.cat(rows), dim=-1)
+
+
+@lru_cache(maxsize=1)
+def _preprocess_pool() -> ThreadPoolExecutor:
+    """Threads for image preprocessing, made once per process (stateless, shared by every scorer)."""
+    return ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="preprocess")
 
 
 def _write_tiny_clip(folder: Path) -> None:
