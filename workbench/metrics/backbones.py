@@ -196,6 +196,9 @@ class DinoBackbone:
 
     def __init__(self, model_id: str = "facebook/dino-vits16", device: str | torch.device = "cpu"):
         from transformers import ViTModel
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # a "Loading weights" bar per run is noise in the CLI output
 
         self.device = torch.device(device)
         if model_id == TINY:
