@@ -56,6 +56,8 @@ def test_frontier_figure_has_one_trace_per_method_with_std_error_bars_and_weight
         labels = ["" if method == "baseline" else f"{weight:g}" for weight in rows["weight"]]
         assert list(trace.text) == labels  # the baseline has no weight to show
     assert traces_named(figure, "lora")[0].text == ("0.5", "1")  # joined in weight order
+    # neighbouring weights are labelled on opposite sides, so equal-looking points keep readable labels
+    assert traces_named(figure, "lora")[0].textposition == ("top right", "bottom right")
     assert traces_named(figure, "baseline")[0].marker.symbol == "star"
     assert traces_named(figure, "ip_adapter")[0].marker.symbol == "circle"
 

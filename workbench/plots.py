@@ -68,7 +68,8 @@ def _method_trace(rows: pd.DataFrame, method: str, x: str, y: str, color: str) -
         name=method,
         legendgroup=method,
         text=["" if baseline else _weight_text(weight) for weight in rows["weight"]],
-        textposition="top right",
+        # Alternate above/below along the sweep, so the labels of neighbouring weights do not collide.
+        textposition=["top right" if index % 2 == 0 else "bottom right" for index in range(len(rows))],
         textfont=dict(color=color, size=11),
         marker=dict(symbol="star" if baseline else "circle", size=18 if baseline else 9, color=color,
                     line=dict(color="white", width=1)),
