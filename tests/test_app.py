@@ -239,6 +239,23 @@ def test_views_of_a_run_folder_show_scores_and_open_a_clicked_column(scored_run)
     assert caption.startswith("`lora@1` — 2 images") and ui.column_seeds(run_dir, "lora@1") == 2
 
 
+def test_a_click_on_the_grid_opens_the_column_under_it(scored_run):
+    from PIL import Image
+
+    from workbench.grid import grid_layout
+
+    run_dir = scored_run.run_dir
+    study = scored_run.study
+    with Image.open(run_dir / "grid.png") as grid:
+        width = grid.width
+    layout = grid_layout(3, (study.size[1], study.size[0]), True)
+    assert width == layout.left + 3 * (layout.size + layout.gap) + layout.gap  # the layout of the saved grid
+    middle = layout.left + layout.size // 2
+    clicks = [middle + index * (layout.size + layout.gap) for index in range(3)]
+    assert [ui.grid_click_column(run_dir, None, x) for x in clicks] == ["baseline", "lora@0.5", "lora@1"]
+    assert ui.grid_click_column(run_dir, None, 3) is None  # the row labels and references
+
+
 def test_a_run_stopped_before_any_method_says_when_a_weight_will_be_suggested(scored_run):
     scores = scored_run.scores
     views = ui.score_views(scores[scores["method"] == "baseline"], scored_run.provenance,

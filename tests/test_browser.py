@@ -126,6 +126,19 @@ def test_study_streams_the_grid_scores_and_frontier(page, tmp_path):
     page.click("#score-table [data-testid='cell-0-0']")
     wait_for_column(page, "ip_adapter@0.3")
 
+    # a click on a grid column does the same (the second column: ip_adapter@0.7)
+    from workbench.grid import grid_layout
+
+    layout = grid_layout(4, (64, 64), True)  # 4 columns of the tiny preset's 64 px images, one reference
+    grid = page.locator("#grid-image img")
+    grid.scroll_into_view_if_needed()
+    box, natural = grid.bounding_box(), grid.evaluate("img => img.naturalWidth")
+    assert natural == layout.left + 4 * (layout.size + layout.gap) + layout.gap
+    scale = box["width"] / natural
+    x = box["x"] + (layout.left + (layout.size + layout.gap) + layout.size / 2) * scale
+    page.mouse.click(x, box["y"] + box["height"] * 0.7)
+    wait_for_column(page, "ip_adapter@0.7")
+
     # the image-fidelity axis switches to CLIP-I
     page.get_by_label("CLIP-I").check()
     page.wait_for_function("[...document.querySelectorAll('#frontier .xtitle')].some(t => "

@@ -31,3 +31,25 @@ def test_grid_grows_with_prompts_and_seeds():
     two = make_grid(["a"], [("p", ["s0", "s1"], [[solid((1, 2, 3))], [solid((1, 2, 3))]]),
                             ("q", ["s0"], [[solid((1, 2, 3))]])], cell_size=96)
     assert two.width == one.width and two.height > one.height + 2 * 96
+
+
+def test_a_click_on_the_grid_finds_the_column_drawn_there():
+    from conftest import tiny_study
+
+    from workbench.report import grid_column_at
+    from workbench.spec import parse_study
+
+    study = parse_study(tiny_study(size=[64, 96], methods=[
+        {"kind": "baseline"}, {"kind": "ip_adapter", "adapter": "tiny", "weights": [0.3, 0.7]}]))
+    colors = [(255, 0, 0), (0, 0, 255), (0, 160, 0)]
+    labels = ["baseline", "ip_adapter@0.3", "ip_adapter@0.7"]
+    rows = [[solid(color, (96, 64)) for color in colors] for _ in study.seeds]
+    grid = make_grid(labels, [("a cat", [f"seed {s}" for s in study.seeds], rows)], [solid((9, 9, 9))], "title")
+    y = next(y for y in range(grid.height) if grid.getpixel((grid.width - 5, y)) == colors[-1])
+    hits = [grid_column_at(study, x) for x in range(grid.width)]
+    for x, label in enumerate(hits):  # a column under every pixel of its cells, None elsewhere
+        pixel = grid.getpixel((x, y))
+        assert (label is not None) == (pixel in colors), (x, label, pixel)
+        if label is not None:
+            assert pixel == colors[labels.index(label)], (x, label, pixel)
+    assert list(dict.fromkeys(h for h in hits if h)) == labels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -32,6 +33,44 @@ def _fit(draw, text, font, width) -> str:
     return text + "…"
 
 
+@dataclass(frozen=True)
+class GridLayout:
+    """Where things sit on a grid image: cells `size` wide, columns starting at x = `left`."""
+
+    columns: int
+    size: int
+    cell_height: int
+    gap: int
+    font_size: int
+    reference_width: int
+    row_label_width: int
+
+    @property
+    def left(self) -> int:
+        return self.reference_width + self.row_label_width
+
+    def column_at(self, x: float) -> int | None:
+        """The index of the column whose cells cover pixel column `x`; None on margins and gaps."""
+        index, within = divmod(x - self.left, self.size + self.gap)
+        return int(index) if 0 <= index < self.columns and within < self.size else None
+
+
+def grid_layout(columns: int, image_size: tuple[int, int] | None, references: bool,
+                cell_size: int | None = None) -> GridLayout:
+    """The layout `make_grid` draws for `columns` columns of images of `image_size` (width, height).
+
+    Cells are `cell_size` wide (default: the image width, at most 384 and at least 96) and keep the
+    images' aspect ratio.
+    """
+    size = cell_size or max(96, min(384, image_size[0] if image_size else 256))
+    cell_height = round(size * image_size[1] / image_size[0]) if image_size else size
+    font_size = max(12, size // 14)
+    gap = max(2, size // 64)
+    return GridLayout(columns, size, cell_height, gap, font_size,
+                      reference_width=size // 2 + 2 * gap if references else 0,
+                      row_label_width=int(font_size * 5.5))
+
+
 def make_grid(
     columns: list[str],
     groups: list[tuple[str, list[str], list[list[Image.Image | None]]]],
@@ -39,21 +78,16 @@ def make_grid(
     title: str = "",
     cell_size: int | None = None,
 ) -> Image.Image:
-    """Draw a grid.
+    """Draw a grid (laid out by `grid_layout`, from the first image's size).
 
     `groups` is a list of (prompt, row_labels, images) where images[row][column] may be None
-    (a cell not generated yet, drawn as an empty box). Cells are `cell_size` wide (default: the
-    first image's width, at most 384 and at least 96) and keep the images' aspect ratio.
+    (a cell not generated yet, drawn as an empty box).
     """
     first = next((im for _, _, rows in groups for row in rows for im in row if im is not None), None)
-    size = cell_size or max(96, min(384, first.width if first else 256))
-    height_of_cell = round(size * first.height / first.width) if first else size  # keep the aspect ratio
-    gap = max(2, size // 64)
-    font_size = max(12, size // 14)
+    layout = grid_layout(len(columns), first.size if first else None, bool(references), cell_size)
+    size, height_of_cell, gap, font_size = layout.size, layout.cell_height, layout.gap, layout.font_size
     font, small, bold = _font(font_size), _font(max(10, int(font_size * 0.85))), _font(int(font_size * 1.15))
-    row_label_width = int(font_size * 5.5)
-    reference_width = size // 2 + 2 * gap if references else 0
-    left = reference_width + row_label_width
+    row_label_width, reference_width, left = layout.row_label_width, layout.reference_width, layout.left
     header = int(font_size * 3.4) + (int(font_size * 1.8) if title else 0)
     band = int(font_size * 2.0)
     chars = max(20, int((len(columns) * (size + gap)) / (font_size * 0.55)))

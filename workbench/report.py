@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from .grid import make_grid
+from .grid import grid_layout, make_grid
 from .images import load_image
 from .weights import source_identity
 
@@ -65,6 +65,21 @@ def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
     partial.replace(path)
 
 
+def _overview_cell_size(study) -> int | None:
+    """grid.png shrinks its cells when it has many rows."""
+    return min(256, study.size[1]) if len(study.prompts) * len(study.seeds) > 16 else None
+
+
+def grid_column_at(study, x: float) -> str | None:
+    """The method@weight column under pixel column `x` of the study's grid.png (None: margins)."""
+    labels = [spec.column(w) for spec in study.methods for w in spec.weights]
+    height, width = study.size
+    layout = grid_layout(len(labels), (width, height), bool(study.subject.reference_images),
+                         _overview_cell_size(study))
+    index = layout.column_at(x)
+    return None if index is None else labels[index]
+
+
 def grid_images(result) -> list[tuple[str, Image.Image]]:
     """(file name, image) of the grids: grid.png with every prompt, and one per prompt when several."""
     study = result.study
@@ -86,8 +101,7 @@ def grid_images(result) -> list[tuple[str, Image.Image]]:
     references = [load_image(p) for p in study.subject.reference_images]
     title = f"{study.name} | {study.base}, {study.steps} steps, CFG {study.guidance:g}"
     groups = [group(p) for p in range(len(study.prompts))]
-    cell_size = min(256, study.size[1]) if len(study.prompts) * len(study.seeds) > 16 else None
-    grids = [("grid.png", make_grid(labels, groups, references, title, cell_size))]
+    grids = [("grid.png", make_grid(labels, groups, references, title, _overview_cell_size(study)))]
     if len(study.prompts) > 1:
         for index, prompt_group in enumerate(groups):
             grids.append((f"grids/prompt_{index + 1:02d}.png", make_grid(labels, [prompt_group], references, title)))

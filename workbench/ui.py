@@ -34,7 +34,7 @@ from .errors import StudyError
 from .export import saved_study, unzip_run, zip_run
 from .frontier import metric_label, summarize
 from .images import MAX_IMAGE_PIXELS, load_image
-from .report import grid_images
+from .report import grid_column_at, grid_images
 from .runner import RunResult
 from .spec import DTYPES, SCHEDULERS, parse_study
 
@@ -495,6 +495,23 @@ def column_seeds(run_dir: Path, column: str) -> int:
     """How many seeds one column has: the gallery shows one row per prompt, one image per seed."""
     cells = _read_cells(run_dir)
     return 0 if cells is None else int(cells.loc[cells["column"] == column, "seed"].nunique())
+
+
+def grid_click_column(run_dir: Path, data: dict | None, x: float) -> str | None:
+    """The column under a click at pixel column `x` of the run's grid, if it has images yet."""
+    manifest = run_dir / "manifest.json"
+    try:
+        if manifest.is_file():
+            study = parse_study(json.loads(manifest.read_text())["study"], source=str(manifest))
+        elif data:
+            study = parse_study(data, source="study", base_dir=REPO)
+        else:
+            return None
+    except (StudyError, KeyError, ValueError):
+        return None
+    column = grid_column_at(study, x)
+    cells = _read_cells(run_dir)
+    return column if cells is not None and column in set(cells["column"]) else None
 
 
 def column_for_click(run_dir: Path, text: str) -> str | None:
@@ -969,6 +986,7 @@ class Workbench:
         self.column_pick.change(self.on_column, [self.run_state, self.column_pick],
                                 [self.column_gallery, self.column_info], **instant)
         self.table.select(self.on_table_select, None, self.column_pick, **instant)
+        self.grid.select(self.on_grid_select, [self.study_state, self.run_state], self.column_pick, **instant)
         self.plot_click.click(self.on_plot_click, [self.run_state, self.plot_text], self.column_pick, **instant,
                               js="(run_dir, text) => [run_dir, window.workbenchClick || '']")
         self.export_button.click(self.on_export, self.run_state, self.export_file, **quick)
@@ -1203,6 +1221,10 @@ class Workbench:
     def on_table_select(self, event: gr.SelectData):
         row = event.row_value or []
         return gr.update(value=row[0]) if row else gr.update()
+
+    def on_grid_select(self, data: dict | None, run_dir: str | None, event: gr.SelectData):
+        column = grid_click_column(Path(run_dir), data, event.index[0]) if run_dir and event.index else None
+        return gr.update(value=column) if column else gr.update()
 
     def on_plot_click(self, run_dir: str | None, text: str):
         column = column_for_click(Path(run_dir), text) if run_dir else None
