@@ -186,7 +186,7 @@ def run_study(
     is polled at every denoising step: when it returns True the batch in flight is dropped and the
     run returns with `stopped=True`. Finished images are on disk whatever happens, so running the
     same study again generates only what is missing. Ctrl-C behaves like Stop, then re-raises.
-    `offload` ("model" or "sequential") keeps the models in CPU RAM between uses, for smaller GPUs.
+    `offload="model"` keeps the models in CPU RAM between uses, for smaller GPUs.
 
     With `score`, every image is scored as its batch finishes (`result.scores`), with the metrics and
     backbones of `scoring` (default: ScoringSpec.for_study). `generate=False` only (re)scores and
@@ -240,7 +240,6 @@ def run_study(
         source = first_with_key.setdefault(keys[cell], cell)
         if source is not cell:
             twins.setdefault(source, []).append(cell)
-    missing_twins = {twin for group in twins.values() for twin in group}
     result.results = [by_cell[c] for c in cells if c in by_cell]
     if run_scores is not None and result.results:
         run_scores.add(result.results)
@@ -264,7 +263,7 @@ def run_study(
             pipe.scheduler = make_scheduler(loaded, study.scheduler)
             with attached(_BaseLorasMethod(), pipe, study):
                 for method_index, spec in enumerate(study.methods):
-                    todo = [c for c in missing if c.method_index == method_index and c not in missing_twins]
+                    todo = [c for c in missing if c.method_index == method_index and first_with_key[keys[c]] is c]
                     if not todo:
                         continue
                     stats = result.stats.setdefault(spec.label, MethodStats())
@@ -280,13 +279,15 @@ def run_study(
                                 meta = _cell_meta(study, cell_result, loaded)
                                 _write_png(image, cell_result.image_path, meta)
                                 result.generated += 1
-                                for made in [cell_result] + [describe(t, cell_path(t), 0.0, False)
-                                                             for t in twins.get(cell, [])]:
-                                    if made is not cell_result:
-                                        _write_png(image, made.image_path, _twin_meta(meta, made, study, run_dir,
-                                                                                      cell_result.image_path))
-                                    by_cell[made.cell] = made
-                                    finished.append(made)
+                                made = [cell_result]
+                                for twin in twins.get(cell, []):
+                                    twin_result = describe(twin, cell_path(twin), 0.0, False)
+                                    twin_meta = _twin_meta(meta, twin_result, study, run_dir, cell_result.image_path)
+                                    _write_png(image, twin_result.image_path, twin_meta)
+                                    made.append(twin_result)
+                                for done in made:
+                                    by_cell[done.cell] = done
+                                    finished.append(done)
                                     finished_images.append(image)
                                     if bar:
                                         bar.update(1)

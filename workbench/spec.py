@@ -127,16 +127,16 @@ def _source_text(source: WeightSource) -> str:
 
 def source_key(study: Study, cell: Cell, *, device: str, base_identity: dict) -> str:
     """Hash of everything that determines a cell's image: the cache key of its PNG."""
-    from .methods import cell_identity, is_neutral
+    from .methods import NEUTRAL_IDENTITY, is_neutral
 
     method = study.methods[cell.method_index].method
-    neutral = is_neutral(method, cell.weight)
+    neutral = is_neutral(method, cell.weight)  # neutral cells all share the baseline's key
     uses_references = method.uses_references and not neutral
     payload = {
         "v": 1,
         "base": base_identity,
         "loras": [[source_identity(l.source), l.weight] for l in study.loras],
-        "method": cell_identity(method, cell.weight),
+        "method": NEUTRAL_IDENTITY if neutral else method.identity(),
         "references": [_file_sha(p) for p in study.subject.reference_images] if uses_references else None,
         "prompt": study.render_prompt(cell), "negative_prompt": study.negative_prompt,
         "weight": 0.0 if neutral else cell.weight, "seed": cell.seed, "steps": study.steps, "guidance": study.guidance,

@@ -45,10 +45,6 @@ def is_neutral(method, weight: float) -> bool:
     return bool(neutral and neutral(weight))
 
 
-def cell_identity(method, weight: float) -> dict:
-    """What a cell's method contributes to its cache key: neutral cells all share the baseline's."""
-    return dict(NEUTRAL_IDENTITY) if is_neutral(method, weight) else method.identity()
-
 
 def register_method(kind: str):
     def decorate(cls):
