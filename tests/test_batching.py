@@ -132,7 +132,7 @@ def text_encoder_lora(folder):
     """A LoRA on the tiny UNet and text encoder, saved the way diffusers' training scripts save one."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextModel
 
@@ -142,7 +142,9 @@ def text_encoder_lora(folder):
     text_encoder = CLIPTextModel.from_pretrained(tiny_pipeline_dir("tiny"), subfolder="text_encoder")
     torch.manual_seed(7)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v"]))
-    text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+    # peft itself, as diffusers' loader does: transformers' own add_adapter asks for a newer peft than the lock's
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"]),
+                            text_encoder)
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
         text_encoder_lora_layers=convert_state_dict_to_diffusers(
