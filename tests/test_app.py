@@ -290,23 +290,6 @@ def test_a_zip_reaching_outside_its_folder_is_refused(tmp_path):
     assert not (tmp_path / "outside.png").exists()
 
 
-# ---------------------------------------------------------------- Spaces packaging
-
-
-def test_requirements_follow_pyproject_and_pin_the_spaces_gradio():
-    import tomllib
-
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    required = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    name = lambda spec: re.split(r"[<>=!~ \[]", spec, maxsplit=1)[0].lower()  # noqa: E731
-    assert sorted(map(name, declared)) == sorted(map(name, required))
-    pin = next(spec for spec in required if name(spec) == "gradio").split("==")[1]
-    front = yaml.safe_load((REPO / "README.md").read_text().split("---")[1])
-    assert front["sdk"] == "gradio" and front["app_file"] == "app.py"
-    assert str(front["sdk_version"]) == pin == gr.__version__
-
-
 # ---------------------------------------------------------------- the API
 
 

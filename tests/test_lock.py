@@ -52,6 +52,15 @@ def test_requirements_txt_installs_pyprojects_dependencies_through_the_lock():
     assert names == {canonicalize_name(Requirement(text).name) for text in project["dependencies"]}
 
 
+def test_the_space_runs_the_locked_gradio_the_readme_names():
+    import yaml
+
+    front = yaml.safe_load((ROOT / "README.md").read_text().split("---")[1])
+    gradio_pin = next(r for r in declared() if r.name == "gradio")
+    assert front["sdk"] == "gradio" and front["app_file"] == "app.py"
+    assert str(gradio_pin.specifier) == f"=={front['sdk_version']}" == f"=={pins()['gradio']}"
+
+
 def test_ci_and_the_readme_install_from_the_lock():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
