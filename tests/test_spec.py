@@ -313,3 +313,20 @@ def test_cli_refuses_a_nan_weight_with_one_line_and_a_nonzero_exit(tmp_path):
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"error: {preset}: methods[0].weights[0]: expected a finite number, got nan"]
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_manifest_json_stays_strict_json_when_a_value_is_nan(tmp_path, tiny_base):
+    import json
+
+    from workbench.runner import run_study
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in manifest.json")
+
+    # a manifest written before weights were checked holds a bare NaN in an earlier run's record
+    (tmp_path / "manifest.json").write_text('{"runs": [{"generated": 1, "scoring_to_generation_ratio": NaN}]}')
+    study = parse_study(tiny_study(seeds=[0]))
+    run_study(study, tmp_path, loaded=tiny_base, score=False, show_progress_bar=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text(), parse_constant=refuse)
+    assert manifest["runs"][0]["scoring_to_generation_ratio"] is None
+    assert manifest["study"]["seeds"] == [0]

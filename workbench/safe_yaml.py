@@ -99,7 +99,7 @@ def read_study_file(path: str | Path, source: str | None = None, *, max_bytes: i
     source = source or str(path)
     size = path.stat().st_size
     if size > max_bytes:
-        raise StudyError(f"{source}: {size / 2**20:.1f} MB, more than the {max_bytes / 2**20:g} MB this file may "
+        raise StudyError(f"{source}: {size / 2**20:.1f} MB, more than the {max_bytes / 2**20:g} MB a study may "
                          "have; a study needs only kilobytes")
     try:
         text = path.read_text()

@@ -27,6 +27,7 @@ class Attachment(Protocol):
 class Method(Protocol):
     kind: ClassVar[str]
     default_weights: ClassVar[tuple[float, ...] | None]  # None: the preset must list weights
+    weight_range: ClassVar[tuple[float, float]]  # (low, high): other weights are refused when the study loads
     uses_references: ClassVar[bool]
     per_sample_weights: ClassVar[bool]  # can one batch mix weights?
 
