@@ -199,10 +199,13 @@ BAD_VALUES = [
     ({"methods": [{"kind": "dreambooth", "checkpoint": "tiny", "weights": [NAN]}]}, "methods[0].weights[0]"),
     ({"lora": [{"path": "tiny", "weight": NAN}]}, "lora[0].weight"),
     ({"lora": [{"path": "tiny", "weight": 5}]}, "lora[0].weight"),
+    ({"methods": [{"kind": "baseline", "weights": [1.0]}]}, "methods[0].weights[0]"),
     # free text: bounded, and text rather than a list
     ({"name": "n" * 201}, "name"),
     ({"description": "d" * 5001}, "description"),
     ({"description": ["a", "list"]}, "description"),
+    ({"scheduler": "x" * 10000}, "scheduler"),  # the message quotes the start of it only
+    ({"subject": {"reference_images": ["r" * 300]}}, "subject.reference_images[0]"),  # a name too long for a file
     ({"prompts": ["a {class} " + "x" * 1000]}, "prompts[0]"),
     ({"negative_prompt": "x" * 1001}, "negative_prompt"),
     ({"subject": {"reference_images": [], "token": "t" * 101}}, "subject.token"),

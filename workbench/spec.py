@@ -183,7 +183,7 @@ def parse_study(data: Any, source: str = "<study>", base_dir: Path | None = None
     from .methods import METHODS, build_method
 
     def fail(where: str, what: str) -> StudyError:
-        return StudyError(f"{source}: {where}: {what}")
+        return StudyError(f"{source}: {_cut(where, 80)}: {_cut(what, 300)}")
 
     if isinstance(data, str):
         data = load_yaml(data, source)
@@ -192,7 +192,7 @@ def parse_study(data: Any, source: str = "<study>", base_dir: Path | None = None
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
     unknown = set(data) - _TOP_KEYS
     if unknown:
-        raise fail(sorted(unknown)[0], f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+        raise fail(sorted(map(str, unknown))[0], f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
 
     base = str(data.get("base") or DEFAULT_BASE)
     if base.lower().endswith(".safetensors") or base.startswith((".", "/", "~")):
@@ -205,7 +205,7 @@ def parse_study(data: Any, source: str = "<study>", base_dir: Path | None = None
     if not isinstance(subject_data, dict):
         raise fail("subject", "expected a mapping with reference_images, token, class_noun")
     if set(subject_data) - _SUBJECT_KEYS:
-        raise fail(f"subject.{sorted(set(subject_data) - _SUBJECT_KEYS)[0]}", f"unknown key (known: {', '.join(sorted(_SUBJECT_KEYS))})")
+        raise fail(f"subject.{sorted(map(str, set(subject_data) - _SUBJECT_KEYS))[0]}", f"unknown key (known: {', '.join(sorted(_SUBJECT_KEYS))})")
     references = subject_data.get("reference_images") or []
     if isinstance(references, str):
         references = [references]
@@ -236,7 +236,7 @@ def parse_study(data: Any, source: str = "<study>", base_dir: Path | None = None
             raise fail(f"prompts[{index}]", f"writes the identifier {subject.token!r} literally; write {{subject}} so "
                                             "the baseline, IP-Adapter and CLIP-T prompts can leave it out")
 
-    seeds = _int_list(data.get("seeds", [0]), "seeds", fail, 0, MAX_SEED, "torch.Generator's seeds")
+    seeds = _seeds(data.get("seeds", [0]), fail)
     if not seeds:
         raise fail("seeds", "expected at least one seed")
     size = _size(data.get("size", 512), fail)
@@ -257,7 +257,7 @@ def parse_study(data: Any, source: str = "<study>", base_dir: Path | None = None
         if not isinstance(item, dict) or "path" not in item:
             raise fail(where, "expected {path: ..., weight: ...}")
         if set(item) - _LORA_KEYS:
-            raise fail(f"{where}.{sorted(set(item) - _LORA_KEYS)[0]}", "unknown key (known: path, weight)")
+            raise fail(f"{where}.{sorted(map(str, set(item) - _LORA_KEYS))[0]}", "unknown key (known: path, weight)")
         path = str(item["path"])
         if path == "tiny":
             from .tiny import resolve_tiny
@@ -283,7 +283,7 @@ def parse_study(data: Any, source: str = "<study>", base_dir: Path | None = None
             raise fail(f"{where}.weights", f"{method.kind} needs a list of weights, e.g. [0.3, 0.5, 0.7]")
         weights = [weights] if isinstance(weights, (int, float)) else list(weights) if isinstance(weights, tuple) else weights
         if not isinstance(weights, list) or not weights:
-            raise fail(f"{where}.weights", f"expected a non-empty list of numbers, got {weights!r}")
+            raise fail(f"{where}.weights", f"expected a non-empty list of numbers, got {_shown(weights)}")
         weights = tuple(_weight(w, f"{where}.weights[{i}]", method, fail) for i, w in enumerate(weights))
         if len(set(weights)) != len(weights):
             raise fail(f"{where}.weights", f"duplicate weights in {list(weights)}")
@@ -325,13 +325,24 @@ def _resolve_path(text: str, base_dir: Path | None) -> Path | None:
     candidates = [Path(text).expanduser()]
     if base_dir is not None and not Path(text).is_absolute():
         candidates += [base_dir / text, base_dir.parent / text]
-    return next((c.resolve() for c in candidates if c.is_file()), None)
+    return next((c.resolve() for c in candidates if _is_file(c)), None)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name longer than the filesystem allows
+        return False
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` on one line, at most about `limit` characters: a message never repeats a megabyte of input."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _shown(value) -> str:
-    """repr(value), cut short: an error message stays one readable line."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
+    return _cut(repr(value), 50)
 
 
 def _number(value, where, fail, low=-math.inf, high=math.inf, note="") -> float:
@@ -378,7 +389,7 @@ def _text(value, where, fail, limit_name: str | None = None) -> str:
     """Free text (None is empty), at most TEXT_LIMITS[limit_name or the field's last word] characters."""
     if value is None:
         return ""
-    if isinstance(value, (bool, list, dict)) or not isinstance(value, (str, int, float)):
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise fail(where, f"expected text, got {_shown(value)}")
     text, limit = str(value), TEXT_LIMITS[limit_name or where.rsplit(".", 1)[-1]]
     if len(text) > limit:
@@ -386,13 +397,14 @@ def _text(value, where, fail, limit_name: str | None = None) -> str:
     return text
 
 
-def _int_list(values, where, fail, low: int, high: int, what: str) -> list[int]:
+def _seeds(values, fail) -> list[int]:
     values = [values] if isinstance(values, int) and not isinstance(values, bool) else values
     if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise fail(where, f"expected a list of integers, got {_shown(values)}")
+        raise fail("seeds", f"expected a list of integers, got {_shown(values)}")
     for index, value in enumerate(values):
-        if not low <= value <= high:
-            raise fail(f"{where}[{index}]", f"expected a whole number from {low} to {high} ({what}), got {value}")
+        if not 0 <= value <= MAX_SEED:
+            raise fail(f"seeds[{index}]", f"expected a seed from 0 to 2**64-1 (torch.Generator's range), "
+                                          f"got {_shown(value)}")
     if len(set(values)) != len(values):
-        raise fail(where, f"duplicate seeds in {_shown(values)}")
+        raise fail("seeds", f"duplicate seeds in {_shown(values)}")
     return values

@@ -38,7 +38,7 @@ from .images import MAX_IMAGE_PIXELS, load_image
 from .report import grid_column_at, grid_images
 from .runner import RunResult
 from .safe_yaml import load_yaml, read_study_file
-from .spec import DTYPES, SCHEDULERS, parse_study
+from .spec import DTYPES, MAX_SIDE, SCHEDULERS, parse_study
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "presets"
@@ -639,10 +639,12 @@ class Form:
                 self.seeds = gr.Textbox(label="Seeds", value="0, 1", max_lines=1, min_width=90, elem_id="seeds")
                 self.steps = gr.Number(30, label="Steps", precision=0, minimum=1, maximum=PUBLIC_MAX_STEPS if public
                                        else 200, min_width=70)
-                self.guidance = gr.Number(7.5, label="Guidance", minimum=0, maximum=30, step=0.5, min_width=70)
+                self.guidance = gr.Number(7.5, label="Guidance", minimum=1, maximum=30, step=0.5, min_width=70)
             with gr.Row():
-                self.height = gr.Number(512, label="Height", precision=0, minimum=8, step=8, min_width=70)
-                self.width = gr.Number(512, label="Width", precision=0, minimum=8, step=8, min_width=70)
+                self.height = gr.Number(512, label="Height", precision=0, minimum=8, maximum=MAX_SIDE, step=8,
+                                        min_width=70)
+                self.width = gr.Number(512, label="Width", precision=0, minimum=8, maximum=MAX_SIDE, step=8,
+                                       min_width=70)
             with gr.Accordion("More settings", open=False):
                 self.negative_prompt = gr.Textbox(label="Negative prompt", value="lowres, blurry", max_lines=2)
                 with gr.Row():
