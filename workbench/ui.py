@@ -174,7 +174,7 @@ def check_public(data: dict, choices: ModelChoices, trusted_references: set[str]
     if not isinstance(subject, dict):
         raise StudyError("subject: expected a mapping with reference_images, token, class_noun")
     references = subject.get("reference_images") or []
-    for index, ref in enumerate([references] if isinstance(references, str) else references):
+    for index, ref in enumerate(references if isinstance(references, list) else [references]):
         resolved = str((REPO / str(ref)).resolve()) if not os.path.isabs(str(ref)) else str(Path(ref).resolve())
         if resolved not in assets and resolved not in {str(Path(t).resolve()) for t in trusted_references}:
             raise StudyError(f"subject.reference_images[{index}]: {ref!r}: on this public app, upload reference "
