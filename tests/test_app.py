@@ -150,6 +150,31 @@ def test_public_mode_takes_only_allow_listed_models_and_no_typed_paths(tmp_path)
     ui.check_public({**ok, "subject": {"reference_images": [uploaded]}}, choices, {uploaded})
 
 
+@pytest.mark.parametrize("field, value", [("steps", "abc"), ("subject", [1]), ("size", "big"),
+                                          ("max_cells", float("nan")), ("methods", 5), ("steps", float("nan"))])
+def test_public_mode_names_a_bad_value_in_one_line(tmp_path, field, value):
+    choices = ui.discover_models(tmp_path / "no-models")
+    data = tiny_study(subject={"reference_images": ["assets/chelsea.png"], "class_noun": "cat"})
+    data[field] = value
+    with pytest.raises(StudyError) as refused:
+        parse_study(ui.check_public(data, choices), base_dir=REPO)
+    assert re.match(rf"(<study>: )?{field}: ", str(refused.value)) and "\n" not in str(refused.value)
+
+
+def test_form_numbers_that_are_not_finite_are_refused_by_name():
+    with pytest.raises(StudyError, match=r"IP-Adapter weights: 'nan' is not a finite number"):
+        ui.parse_numbers("0.5, nan", "IP-Adapter weights")
+    with pytest.raises(StudyError, match=r"seeds: 'inf' is not a finite number"):
+        ui.parse_numbers("inf", "seeds", int)
+    with gr.Blocks():
+        form = ui.Form(ui.discover_models(REPO / "models"), public=False)
+    values = form.fill(tiny_study())
+    for component, name in [(form.steps, "steps"), (form.guidance, "guidance"), (form.height, "height"),
+                            (form.lora_weight, "LoRA weight")]:
+        with pytest.raises(StudyError, match=rf"^{name}: nan is not a finite number"):
+            form.read({**values, component: float("nan")}, [])
+
+
 def test_public_launch_caps_upload_size_and_serves_only_its_folders(tmp_path):
     options = ui.launch_options(ui.AppConfig(public=True, runs_dir=tmp_path))
     assert options["max_file_size"] == "10mb"

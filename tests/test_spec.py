@@ -160,3 +160,176 @@ def test_study_round_trips_through_its_dict():
     again = parse_study(study.to_dict(), base_dir=REPO)
     assert again.cells() == study.cells()
     assert [m.method.identity() for m in again.methods] == [m.method.identity() for m in study.methods]
+
+
+# ---------------------------------------------------------------- every number and text field is bounded
+
+NAN, INF = float("nan"), float("inf")
+IP = {"kind": "ip_adapter", "adapter": "tiny"}
+BAD_VALUES = [
+    # (overrides of tiny_study, the field the one-line message must name)
+    ({"seeds": [2**64]}, "seeds"),
+    ({"seeds": [-1]}, "seeds"),
+    ({"steps": NAN}, "steps"),
+    ({"steps": INF}, "steps"),
+    ({"steps": 10000}, "steps"),
+    ({"steps": 2.5}, "steps"),
+    ({"steps": "abc"}, "steps"),
+    ({"steps": 0}, "steps"),
+    ({"size": 100000}, "size"),
+    ({"size": [512, 4096]}, "size"),
+    ({"size": "big"}, "size"),
+    ({"size": 12}, "size"),
+    ({"max_cells": NAN}, "max_cells"),
+    ({"max_cells": 0}, "max_cells"),
+    ({"guidance": -5}, "guidance"),
+    ({"guidance": NAN}, "guidance"),
+    ({"guidance": INF}, "guidance"),
+    ({"guidance": 0.5}, "guidance"),
+    ({"guidance": 1000}, "guidance"),
+    ({"methods": [{**IP, "weights": [NAN]}]}, "methods[0].weights[0]"),
+    ({"methods": [{**IP, "weights": [0.5, INF]}]}, "methods[0].weights[1]"),
+    ({"methods": [{**IP, "weights": [3.0]}]}, "methods[0].weights[0]"),
+    ({"methods": [{**IP, "weights": [10**400]}]}, "methods[0].weights[0]"),
+    ({"methods": [{**IP, "weights": [0.5], "block_scales": {"up": {"block_0": [0.0, NAN, 0.0]}}}]},
+     "methods[0]: block_scales"),
+    ({"methods": [{"kind": "lora", "path": "tiny", "weights": [NAN]}]}, "methods[0].weights[0]"),
+    ({"methods": [{"kind": "lora", "path": "tiny", "weights": [-INF]}]}, "methods[0].weights[0]"),
+    ({"methods": [{"kind": "textual_inversion", "embedding": "tiny", "weights": [NAN]}]}, "methods[0].weights[0]"),
+    ({"methods": [{"kind": "dreambooth", "checkpoint": "tiny", "weights": [NAN]}]}, "methods[0].weights[0]"),
+    ({"lora": [{"path": "tiny", "weight": NAN}]}, "lora[0].weight"),
+    ({"lora": [{"path": "tiny", "weight": 5}]}, "lora[0].weight"),
+    ({"methods": [{"kind": "baseline", "weights": [1.0]}]}, "methods[0].weights[0]"),
+    # free text: bounded, and text rather than a list
+    ({"name": "n" * 201}, "name"),
+    ({"description": "d" * 5001}, "description"),
+    ({"description": ["a", "list"]}, "description"),
+    ({"scheduler": "x" * 10000}, "scheduler"),  # the message quotes the start of it only
+    ({"subject": {"reference_images": ["r" * 300]}}, "subject.reference_images[0]"),  # a name too long for a file
+    ({"prompts": ["a {class} " + "x" * 1000]}, "prompts[0]"),
+    ({"negative_prompt": "x" * 1001}, "negative_prompt"),
+    ({"subject": {"reference_images": [], "token": "t" * 101}}, "subject.token"),
+    ({"subject": {"reference_images": [], "class_noun": "c" * 101}}, "subject.class_noun"),
+    ({"methods": [{"kind": "baseline", "label": "l" * 101}]}, "methods[0].label"),
+    ({"methods": [{"kind": "textual_inversion", "embedding": "tiny", "token": "<" + "t" * 100 + ">"}]},
+     "methods[0]: token"),
+]
+
+
+@pytest.mark.parametrize("overrides, field", BAD_VALUES, ids=[f"{f}={str(o)[:40]}" for o, f in BAD_VALUES])
+def test_a_bad_value_is_refused_in_one_line_naming_its_field(overrides, field):
+    with pytest.raises(StudyError) as refused:
+        parse_study(tiny_study(**overrides))
+    message = str(refused.value)
+    assert message.startswith(f"<study>: {field}"), message
+    assert "\n" not in message and len(message) < 400, message
+
+
+def test_numbers_at_the_edges_of_their_ranges_are_accepted():
+    study = parse_study(tiny_study(
+        seeds=[0, 2**64 - 1], steps=1000, size=[8, 2048], guidance=1, max_cells=1_000_000,
+        lora=[{"path": "tiny", "weight": -2}],
+        methods=[{**IP, "weights": [0, 2]}, {"kind": "lora", "path": "tiny", "weights": [-2, 2.0]}]))
+    assert study.seeds == (0, 2**64 - 1) and study.steps == 1000 and study.size == (8, 2048)
+    assert parse_study(tiny_study(steps=30.0)).steps == 30
+
+
+def test_the_weight_range_is_stated_by_each_method_class():
+    from workbench.methods import METHODS
+
+    for kind, cls in METHODS.items():
+        low, high = cls.weight_range
+        assert low <= high, kind
+    with pytest.raises(StudyError, match=r"methods\[0\]\.weights\[0\]: .*from 0 to 2 for ip_adapter"):
+        parse_study(tiny_study(methods=[{**IP, "weights": [2.5]}]))
+
+
+def _bomb(indent: str) -> str:
+    """Nine levels of nine aliases, each to the level below: 9**9 strings once expanded (under 600 bytes)."""
+    levels = [f'{indent}- &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"{indent}- &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return "\n".join(levels)
+
+
+BOMBS = {
+    "description": "name: bomb\nbase: tiny\nprompts: ['a {class}']\ndescription:\n" + _bomb("  "),
+    "block_scales": ("name: bomb\nbase: tiny\nprompts: ['a {class}']\nsubject: {reference_images: [assets/chelsea.png]}\n"
+                     "methods:\n  - kind: ip_adapter\n    adapter: tiny\n    weights: [0.5]\n    block_scales:\n"
+                     "      up:\n        block_0:\n" + _bomb("          ")),
+}
+
+
+@pytest.mark.parametrize("field", BOMBS)
+def test_a_yaml_alias_bomb_is_refused_in_well_under_a_second(tmp_path, field):
+    import time
+
+    text = BOMBS[field]
+    assert len(text.encode()) < 900
+    preset = tmp_path / "bomb.yaml"
+    preset.write_text(text)
+    started = time.perf_counter()
+    with pytest.raises(StudyError, match=r"bomb\.yaml: refused: aliases .* expand to more than 10000 values"):
+        load_study(preset)
+    with pytest.raises(StudyError, match=r"<study>: refused: aliases"):
+        parse_study(text)
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_recursive_alias_is_refused():
+    with pytest.raises(StudyError, match=r"refused: an alias refers to a node that contains it"):
+        parse_study("name: loop\ndescription: &a [*a]\n")
+
+
+def test_deep_nesting_is_refused_not_a_recursion_error():
+    with pytest.raises(StudyError, match=r"refused: nested deeper than 32 levels"):
+        parse_study("description: " + "[" * 5000 + "]" * 5000)
+
+
+def test_a_preset_over_1_mb_is_refused_unread(tmp_path):
+    preset = tmp_path / "huge.yaml"
+    preset.write_text("description: '" + "x" * (1 << 20) + "'\n")
+    with pytest.raises(StudyError, match=r"huge\.yaml: 1\.0 MB, more than the 1 MB a study may have"):
+        load_study(preset)
+
+
+def test_every_yaml_entry_point_uses_the_safe_loader(tmp_path):
+    from workbench import ui
+    from workbench.export import saved_study
+
+    (tmp_path / "study.yaml").write_text(BOMBS["description"])
+    with pytest.raises(StudyError, match="refused: aliases"):
+        saved_study(tmp_path)
+    with pytest.raises(StudyError, match="refused: aliases"):
+        ui._load_yaml(BOMBS["description"])
+
+
+def test_cli_refuses_a_nan_weight_with_one_line_and_a_nonzero_exit(tmp_path):
+    import subprocess
+    import sys
+
+    preset = tmp_path / "nan.yaml"
+    preset.write_text(f"name: nan\nbase: tiny\nprompts: ['a {{class}}']\nsize: 32\nsteps: 2\n"
+                      f"subject: {{reference_images: [{REPO / 'assets/chelsea.png'}], class_noun: cat}}\n"
+                      "methods:\n  - kind: ip_adapter\n    adapter: tiny\n    weights: [.nan]\n")
+    done = subprocess.run([sys.executable, "-m", "workbench", "run", str(preset), "--out", str(tmp_path / "out"),
+                           "--no-score"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"error: {preset}: methods[0].weights[0]: expected a finite number, got nan"]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_manifest_json_stays_strict_json_when_a_value_is_nan(tmp_path, tiny_base):
+    import json
+
+    from workbench.runner import run_study
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in manifest.json")
+
+    # a manifest written before weights were checked holds a bare NaN in an earlier run's record
+    (tmp_path / "manifest.json").write_text('{"runs": [{"generated": 1, "scoring_to_generation_ratio": NaN}]}')
+    study = parse_study(tiny_study(seeds=[0]))
+    run_study(study, tmp_path, loaded=tiny_base, score=False, show_progress_bar=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text(), parse_constant=refuse)
+    assert manifest["runs"][0]["scoring_to_generation_ratio"] is None
+    assert manifest["study"]["seeds"] == [0]

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import StudyError
+from .safe_yaml import read_study_file
 
 STUDY_FILE = "study.yaml"
 REFERENCES = "references"
@@ -131,7 +132,7 @@ def saved_study(run_dir: str | Path) -> dict:
     """The study of a run folder (study.yaml, else the manifest's), with paths portable to this folder."""
     run_dir = Path(run_dir)
     if (run_dir / STUDY_FILE).is_file():
-        data = yaml.safe_load((run_dir / STUDY_FILE).read_text())
+        data = read_study_file(run_dir / STUDY_FILE)
     elif (run_dir / "manifest.json").is_file():
         data = portable_study(json.loads((run_dir / "manifest.json").read_text())["study"], run_dir)
     else:

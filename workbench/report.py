@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from importlib import metadata
@@ -148,8 +149,22 @@ def write_manifest(result, loaded, *, device_type: str, base_identity: dict) -> 
         run["scoring"] = scoring_cost(result, previous.get("runs", []))
         run["scoring_seconds"] = run["scoring"]["seconds"]
         run["scoring_to_generation_ratio"] = run["scoring"]["ratio_per_image"]
-    path.write_text(json.dumps(manifest, indent=2, default=str))
+    path.write_text(strict_json(manifest))
     return manifest
+
+
+def strict_json(data) -> str:
+    """JSON any parser reads: NaN and infinity (which json.dumps writes bare) become null."""
+    def finite(value):
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(data), indent=2, default=str, allow_nan=False)
 
 
 def column_definitions(x: str | None, y: str | None) -> dict:

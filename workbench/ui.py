@@ -14,6 +14,7 @@ import html
 import importlib.util
 import inspect
 import json
+import math
 import os
 import queue
 import re
@@ -36,7 +37,8 @@ from .frontier import metric_label, summarize
 from .images import MAX_IMAGE_PIXELS, load_image
 from .report import grid_column_at, grid_images
 from .runner import RunResult
-from .spec import DTYPES, SCHEDULERS, parse_study
+from .safe_yaml import load_yaml, read_study_file
+from .spec import DTYPES, MAX_SIDE, SCHEDULERS, parse_study
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "presets"
@@ -160,24 +162,35 @@ def check_public(data: dict, choices: ModelChoices, trusted_references: set[str]
         if str(path) not in choices.values("lora"):
             raise refuse(f"lora[{index}].path", path, choices.values("lora"))
     options = {"adapter": "adapter", "path": "lora", "embedding": "embedding", "checkpoint": "checkpoint"}
-    for index, method in enumerate(data.get("methods") or []):
+    methods = data.get("methods") or []
+    for index, method in enumerate(methods if isinstance(methods, list) else []):  # parse_study names a non-list
         if not isinstance(method, dict):
             continue
         for option, kind in options.items():
             if option in method and str(method[option]) not in choices.values(kind) | {"None"}:
                 raise refuse(f"methods[{index}].{option}", method[option], choices.values(kind))
     assets = {str(p.resolve()) for p in ASSETS.glob("*.png")}
-    for index, ref in enumerate((data.get("subject") or {}).get("reference_images") or []):
+    subject = data.get("subject") or {}
+    if not isinstance(subject, dict):
+        raise StudyError("subject: expected a mapping with reference_images, token, class_noun")
+    references = subject.get("reference_images") or []
+    for index, ref in enumerate(references if isinstance(references, list) else [references]):
         resolved = str((REPO / str(ref)).resolve()) if not os.path.isabs(str(ref)) else str(Path(ref).resolve())
         if resolved not in assets and resolved not in {str(Path(t).resolve()) for t in trusted_references}:
             raise StudyError(f"subject.reference_images[{index}]: {ref!r}: on this public app, upload reference "
                              "images or name a demo subject (assets/chelsea.png, ...); file paths are not accepted")
-    if int(data.get("steps", 30)) > PUBLIC_MAX_STEPS:
+    # Only numbers are compared here; parse_study names any other value in one line.
+    if _above(data.get("steps", 30), PUBLIC_MAX_STEPS):
         raise StudyError(f"steps: at most {PUBLIC_MAX_STEPS} on this public app")
     size = data.get("size", 512)
-    if max(size if isinstance(size, list) else [size]) > PUBLIC_MAX_SIZE:
+    if any(_above(side, PUBLIC_MAX_SIZE) for side in (size if isinstance(size, list) else [size])):
         raise StudyError(f"size: at most {PUBLIC_MAX_SIZE} px on this public app")
-    return {**data, "max_cells": min(int(data.get("max_cells", PUBLIC_MAX_CELLS)), PUBLIC_MAX_CELLS)}
+    max_cells = data.get("max_cells", PUBLIC_MAX_CELLS)
+    return {**data, "max_cells": PUBLIC_MAX_CELLS if _above(max_cells, PUBLIC_MAX_CELLS) else max_cells}
+
+
+def _above(value, limit) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit
 
 
 # ---------------------------------------------------------------- small parsers and files
@@ -193,12 +206,29 @@ def parse_numbers(text: str, field_name: str, kind=float) -> list:
             number = float(item)
         except ValueError:
             raise StudyError(f"{field_name}: {item!r} is not a number") from None
+        if not math.isfinite(number):
+            raise StudyError(f"{field_name}: {item!r} is not a finite number")
         if kind is int:
             if not number.is_integer():
                 raise StudyError(f"{field_name}: {item!r} is not a whole number")
             number = int(number)
         values.append(number)
     return values
+
+
+def _form_number(value, field_name: str, default, kind=int):
+    """A gr.Number's value (None: `default`) as `kind`; NaN, infinity or a fraction for a whole number is refused."""
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise StudyError(f"{field_name}: {str(value)[:40]!r} is not a number") from None
+    if not math.isfinite(number):
+        raise StudyError(f"{field_name}: {value!r} is not a finite number")
+    if kind is int and not number.is_integer():
+        raise StudyError(f"{field_name}: {value!r} is not a whole number")
+    return kind(number)
 
 
 def _numbers_text(values) -> str:
@@ -609,10 +639,12 @@ class Form:
                 self.seeds = gr.Textbox(label="Seeds", value="0, 1", max_lines=1, min_width=90, elem_id="seeds")
                 self.steps = gr.Number(30, label="Steps", precision=0, minimum=1, maximum=PUBLIC_MAX_STEPS if public
                                        else 200, min_width=70)
-                self.guidance = gr.Number(7.5, label="Guidance", minimum=0, maximum=30, step=0.5, min_width=70)
+                self.guidance = gr.Number(7.5, label="Guidance", minimum=1, maximum=30, step=0.5, min_width=70)
             with gr.Row():
-                self.height = gr.Number(512, label="Height", precision=0, minimum=8, step=8, min_width=70)
-                self.width = gr.Number(512, label="Width", precision=0, minimum=8, step=8, min_width=70)
+                self.height = gr.Number(512, label="Height", precision=0, minimum=8, maximum=MAX_SIDE, step=8,
+                                        min_width=70)
+                self.width = gr.Number(512, label="Width", precision=0, minimum=8, maximum=MAX_SIDE, step=8,
+                                       min_width=70)
             with gr.Accordion("More settings", open=False):
                 self.negative_prompt = gr.Textbox(label="Negative prompt", value="lowres, blurry", max_lines=2)
                 with gr.Row():
@@ -664,9 +696,9 @@ class Form:
             methods.append(item)
         if not methods:
             raise StudyError("methods: tick at least one method")
-        height, width = int(v[self.height] or 0), int(v[self.width] or 0)
+        height, width = _form_number(v[self.height], "height", 0), _form_number(v[self.width], "width", 0)
         prompts = [line.strip() for line in (v[self.prompts] or "").splitlines() if line.strip()]
-        lora_weight = float(v[self.lora_weight] if v[self.lora_weight] is not None else 1.0)
+        lora_weight = _form_number(v[self.lora_weight], "LoRA weight", 1.0, float)
         return {
             "name": (v[self.name] or "study").strip(),
             "base": v[self.base],
@@ -675,13 +707,13 @@ class Form:
                         "class_noun": (v[self.class_noun] or "").strip()},
             "prompts": prompts,
             "seeds": parse_numbers(v[self.seeds], "seeds", int),
-            "steps": int(v[self.steps] or 0),
-            "guidance": float(v[self.guidance] if v[self.guidance] is not None else 7.5),
+            "steps": _form_number(v[self.steps], "steps", 0),
+            "guidance": _form_number(v[self.guidance], "guidance", 7.5, float),
             "size": height if height == width else [height, width],
             "scheduler": v[self.scheduler],
             "negative_prompt": v[self.negative_prompt] or "",
             "dtype": v[self.dtype],
-            "max_cells": int(v[self.max_cells] or 1000),
+            "max_cells": _form_number(v[self.max_cells], "max cells", 1000) or 1000,
             "methods": methods,
         }
 
@@ -810,7 +842,7 @@ def _preset_data(path: Path) -> tuple[dict, list[str]]:
     from .spec import load_study
 
     study = load_study(path)
-    data = yaml.safe_load(Path(path).read_text())
+    data = read_study_file(path)
     return data, list(study.subject.reference_images)
 
 
@@ -1077,10 +1109,8 @@ class Workbench:
             except StudyError:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 raise
-        try:
-            data = json.loads(path.read_text()) if suffix == ".json" else yaml.safe_load(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
-            raise StudyError(f"{path.name}: cannot read it ({str(error).splitlines()[0]})") from None
+        # a manifest.json grows a little with every rerun; its study is capped like any other
+        data = read_study_file(path, path.name, max_bytes=(10 if suffix == ".json" else 1) << 20)
         if suffix == ".json":
             if not isinstance(data, dict) or "study" not in data:
                 raise StudyError(f"{path.name}: not a manifest.json (no 'study' key)")
@@ -1245,7 +1275,7 @@ class Workbench:
         `reference_images` (optional files) replace subject.reference_images. The summary has one row
         per method@weight with the mean, std and n of each metric and `on_pareto_front`.
         """
-        data = _mapping(_load_yaml(study_yaml), "study_yaml")
+        data = _mapping(_load_yaml(study_yaml, "study_yaml"), "study_yaml")
         run_dir = new_run_dir(self.config.runs_dir, str(data.get("name") or "api"))
         trusted = set()
         if reference_images:
@@ -1274,11 +1304,8 @@ def _yaml(data: dict) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def _load_yaml(text: str | None):
-    try:
-        return yaml.safe_load(text) if text and text.strip() else None
-    except yaml.YAMLError as error:
-        raise StudyError(f"not valid YAML ({str(error).splitlines()[0]})") from None
+def _load_yaml(text: str | None, where: str = "Study YAML"):
+    return load_yaml(text, where) if text and text.strip() else None
 
 
 def _mapping(data, where: str) -> dict:

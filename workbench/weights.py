@@ -77,7 +77,14 @@ def _find_local(text: str, base_dir: Path | None) -> Path | None:
     candidates = [Path(text).expanduser()]
     if base_dir is not None and not Path(text).is_absolute():
         candidates += [base_dir / text, base_dir.parent / text]
-    return next((c.resolve() for c in candidates if c.exists()), None)
+    return next((c.resolve() for c in candidates if _exists(c)), None)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a name longer than the filesystem allows: not a local file, so a hub id or an error
+        return False
 
 
 @lru_cache(maxsize=256)

@@ -27,6 +27,7 @@ class Attachment(Protocol):
 class Method(Protocol):
     kind: ClassVar[str]
     default_weights: ClassVar[tuple[float, ...] | None]  # None: the preset must list weights
+    weight_range: ClassVar[tuple[float, float]]  # (low, high): other weights are refused when the study loads
     uses_references: ClassVar[bool]
     per_sample_weights: ClassVar[bool]  # can one batch mix weights?
 
@@ -63,7 +64,7 @@ def build_method(kind: str, options: dict, *, base: str, base_dir, fail: Callabl
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(options) - known
     if unknown:
-        raise fail(f"unknown option {sorted(unknown)[0]!r} for {kind} (known: {', '.join(sorted(known)) or 'none'})")
+        raise fail(f"unknown option {sorted(map(str, unknown))[0]!r} for {kind} (known: {', '.join(sorted(known)) or 'none'})")
     return cls.from_options(options, base=base, base_dir=base_dir, fail=fail)
 
 

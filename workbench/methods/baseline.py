@@ -12,6 +12,7 @@ class Baseline:
     """Text only: the prompt names the class, no identifier token, nothing attached. The control column."""
 
     default_weights = (0.0,)
+    weight_range = (0.0, 0.0)  # the baseline has no weight
     uses_references = False
     per_sample_weights = True
 

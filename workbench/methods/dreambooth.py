@@ -22,6 +22,7 @@ class DreamBooth:
     checkpoint: object = None  # WeightSource: a diffusers folder / hub id, or a single .safetensors file
 
     default_weights = (1.0,)
+    weight_range = (0.0, 2.0)  # 0 = base UNet, 1 = fine-tuned, above 1 extrapolates
     uses_references = False
     per_sample_weights = False
 

@@ -60,6 +60,7 @@ class IPAdapter:
     block_scales: tuple | None = None  # frozen form of the InstantStyle dict
 
     default_weights = None
+    weight_range = (0.0, 2.0)  # adapter scale (0 = the baseline's image); also bounds each block_scales value
     uses_references = True
 
     @property
@@ -75,6 +76,7 @@ class IPAdapter:
         if block_scales is not None:
             if not isinstance(block_scales, dict):
                 raise fail('block_scales: expected a dict like {"up": {"block_0": [0.0, 1.0, 0.0]}}')
+            _check_block_scales(block_scales, cls.weight_range, fail)
             block_scales = _freeze(block_scales)
         return cls(source, block_scales)
 
@@ -141,6 +143,23 @@ class _IPAdapterAttachment:
 
 def _is_sdxl(pipe) -> bool:
     return hasattr(pipe, "text_encoder_2")
+
+
+def _check_block_scales(block_scales: dict, weight_range, fail) -> None:
+    """Keys down/mid/up (diffusers' UNet parts); every value a finite number within `weight_range`."""
+    unknown = set(block_scales) - {"down", "mid", "up"}
+    if unknown:
+        raise fail(f"block_scales: unknown part {sorted(map(str, unknown))[0]!r} (known: down, mid, up)")
+    low, high = weight_range
+    stack = [("block_scales", block_scales)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{where}.{key}", item) for key, item in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{index}]", item) for index, item in enumerate(value)]
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise fail(f"{where}: expected a number from {low:g} to {high:g}, got {str(value)[:40]}")
 
 
 def _freeze(value):

@@ -83,6 +83,7 @@ class Lora:
     path: WeightSource | None = None
 
     default_weights = None
+    weight_range = (-2.0, 2.0)  # adapter scale; negative subtracts the subject (also the study-level `lora:`)
     uses_references = False
     per_sample_weights = True  # UNet-only LoRAs mix weights in one pass; see _LoraAttachment.per_sample_weights
 

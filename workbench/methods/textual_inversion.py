@@ -8,6 +8,7 @@ import torch
 from . import register_method
 from .common import fill_prompt, source_identity, source_text, weight_source_option
 from ..errors import StudyError
+from ..spec import TEXT_LIMITS
 from ..weights import missing_model_message
 
 
@@ -23,6 +24,7 @@ class TextualInversion:
     token: str = "<subject>"
 
     default_weights = (1.0,)
+    weight_range = (0.0, 2.0)  # multiplies the learned embedding
     uses_references = False
     per_sample_weights = False
 
@@ -31,8 +33,9 @@ class TextualInversion:
         source = weight_source_option(options.get("embedding"), "embedding", kind="embedding", base=base,
                                       base_dir=base_dir, fail=fail)
         token = str(options.get("token", "<subject>"))
-        if not token.strip() or " " in token:
-            raise fail(f"token: expected one word such as <chelsea>, got {token!r}")
+        if not token.strip() or " " in token or len(token) > TEXT_LIMITS["token"]:
+            raise fail(f"token: expected one word of at most {TEXT_LIMITS['token']} characters such as <chelsea>, "
+                       f"got {token[:40]!r}{'...' if len(token) > 40 else ''}")
         return cls(source, token)
 
     def render_prompt(self, template, subject):
