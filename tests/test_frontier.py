@@ -154,8 +154,8 @@ def test_suggestions_give_both_directions_with_the_baseline_as_the_floor():
     # 0.05 DINO against the baseline and is out; 0.5 keeps it and has the best CLIP-T of the rest.
     assert (keep_dino.weight, keep_dino.constrained, keep_dino.against_baseline) == (0.5, "dino", True)
     assert (keep_clip_t.weight, keep_clip_t.constrained) == (0.25, "clip_t")
-    assert "DINO is not below the baseline's" in keep_dino.sentence
-    assert "DINO 0.550, Δ +0.1000 [+0.1000, +0.1000] against the baseline over 2 pairs: above" in keep_dino.sentence
+    assert "DINO is not significantly below the baseline's" in keep_dino.sentence
+    assert "DINO 0.550, Δ +0.1000 [+0.1000, +0.1000] over 2 pairs, above the baseline" in keep_dino.sentence
     (given,) = suggestions(summary, "dino", "clip_t", min_x=0.7, min_y=0.5)
     assert given.weight == 1.0 and "(given)" in given.sentence
 
@@ -194,9 +194,9 @@ def test_a_weight_whose_interval_holds_zero_is_not_distinguishable_and_still_eli
     (keep_dino, _) = suggestions(summary, "dino", "clip_t")
     assert (keep_dino.method, keep_dino.constrained) == ("textual_inversion", "dino")
     # sd of the differences 5.649e-4, so the half width is 3.182446 * 5.649e-4 / 2 = 8.99e-4
-    assert ("DINO 0.457, Δ -0.0000 [-0.0009, +0.0009] against the baseline over 4 pairs: "
-            "not distinguishable from the baseline.") in keep_dino.sentence
-    assert "CLIP-T 0.298, Δ +0.0175" in keep_dino.sentence and ": above the baseline" in keep_dino.sentence
+    assert ("DINO 0.457, Δ -0.0000 [-0.0009, +0.0009] over 4 pairs, not distinguishable from the baseline."
+            in keep_dino.sentence)
+    assert "CLIP-T 0.298, Δ +0.0175 [+0.0095, +0.0255] over 4 pairs, above the baseline" in keep_dino.sentence
 
 
 def test_a_weight_significantly_below_the_baseline_is_not_suggested():

@@ -130,8 +130,8 @@ class WeightSuggestion:
         gained = _against_baseline(self.optimised_delta) or "no cell paired with the baseline's"
         return (
             f"{self.method} at weight {self.weight:g} gives the best {optimised} among weights whose "
-            f"{constrained} is not below the baseline's (the 95% t-interval of the paired difference reaches "
-            f"0 or above): {optimised} {self.optimised_mean:.3f}, {gained}; {constrained} "
+            f"{constrained} is not significantly below the baseline's (95% t-interval of the paired difference "
+            f"reaching 0 or above): {optimised} {self.optimised_mean:.3f}, {gained}; {constrained} "
             f"{self.constrained_mean:.3f}, {held}."
         )
 
@@ -141,13 +141,12 @@ def _mean_std(mean: float, std: float) -> str:
 
 
 def _against_baseline(delta: tuple[float, float, float, int]) -> str:
-    """'Δ +0.0310 [+0.0120, +0.0500] against the baseline over 4 pairs: above the baseline'."""
+    """'Δ +0.0310 [+0.0120, +0.0500] over 4 pairs, above the baseline'."""
     text = delta_text(*delta)
-    if not text:
-        return ""
     reading = verdict(delta[1], delta[2])
-    pairs = f" over {delta[3]} pairs" if reading else ""
-    return f"{text} against the baseline{pairs}" + (f": {reading}" if reading else "")
+    if not reading:
+        return f"{text} against the baseline" if text else ""
+    return f"{text} over {delta[3]} pairs, {reading}"
 
 
 def _delta(row: pd.Series, metric: str) -> tuple[float, float, float, int]:
