@@ -440,7 +440,7 @@ def score_views(scores: pd.DataFrame | None, provenance: dict, columns: dict, x:
         views.suggestion = (f"Every weight of every method has {metric_label(x)} significantly below the "
                             "baseline's (the 95% interval of the paired difference is below 0); try higher weights.")
     else:
-        views.suggestion = "Tick **baseline** to get a suggested weight: its score is the threshold."
+        views.suggestion = "Tick **baseline** to get a suggested weight: each weight is compared with it, cell by cell."
     return views
 
 
