@@ -281,6 +281,28 @@ def test_a_click_on_the_grid_opens_the_column_under_it(scored_run):
     assert ui.grid_click_column(run_dir, None, 3) is None  # the row labels and references
 
 
+def test_the_score_table_shows_each_mean_with_its_paired_difference_and_interval(scored_run):
+    views = ui.score_views(scored_run.scores, scored_run.provenance, ui._live_columns(scored_run), "dino")
+
+    summary = scored_run.summary().set_index("method")
+    lora, baseline = summary[summary.weight == 0.5].loc["lora"], summary.loc["baseline"]
+    table = views.table.set_index("method@weight")
+    assert table.loc["lora@0.5", "DINO"] == (f"{lora.dino_mean:.3f}\u202fΔ {lora.dino_delta:+.4f} "
+                                             f"[{lora.dino_delta_lo:+.4f}, {lora.dino_delta_hi:+.4f}]")
+    assert table.loc["baseline", "DINO"] == f"{baseline.dino_mean:.3f}"  # the reference: no Δ
+    assert "pairs, " in views.suggestion and "95% t-interval" in views.suggestion
+
+
+def test_a_baseline_labelled_control_still_gets_its_suggestion_in_the_app(scored_run):
+    scores = scored_run.scores.replace({"method": {"baseline": "control"}})
+    assert set(scores.loc[scores.method == "control", "kind"]) == {"baseline"}
+
+    views = ui.score_views(scores, scored_run.provenance, {("control", 0.0): "control"}, "dino")
+
+    assert "**Suggested:** lora at weight" in views.suggestion
+    assert "Δ" not in views.table.set_index("method@weight").loc["control", "DINO"]
+
+
 def test_a_run_stopped_before_any_method_says_when_a_weight_will_be_suggested(scored_run):
     scores = scored_run.scores
     views = ui.score_views(scores[scores["method"] == "baseline"], scored_run.provenance,

@@ -150,9 +150,85 @@ def test_suggestions_give_both_directions_with_the_baseline_as_the_floor():
 
     keep_dino, keep_clip_t = suggestions(summary, "dino", "clip_t")
 
-    assert (keep_dino.weight, keep_dino.constrained, keep_dino.threshold) == (0.5, "dino", pytest.approx(0.45))
-    assert (keep_clip_t.weight, keep_clip_t.constrained, keep_clip_t.threshold) == (0.25, "clip_t",
-                                                                                    pytest.approx(0.30))
-    assert "(the baseline's)" in keep_dino.sentence
+    # Every seed gives the same value here, so each interval is the single point delta: 0.25 loses
+    # 0.05 DINO against the baseline and is out; 0.5 keeps it and has the best CLIP-T of the rest.
+    assert (keep_dino.weight, keep_dino.constrained, keep_dino.against_baseline) == (0.5, "dino", True)
+    assert (keep_clip_t.weight, keep_clip_t.constrained) == (0.25, "clip_t")
+    assert "DINO is not significantly below the baseline's" in keep_dino.sentence
+    assert "DINO 0.550, Δ +0.1000 [+0.1000, +0.1000] over 2 pairs, above the baseline" in keep_dino.sentence
     (given,) = suggestions(summary, "dino", "clip_t", min_x=0.7, min_y=0.5)
     assert given.weight == 1.0 and "(given)" in given.sentence
+
+
+def with_baseline(values: dict, baseline_label: str = "baseline") -> pd.DataFrame:
+    """values: {(method, weight): {metric: [value per (prompt, seed) cell]}} over 2 prompts x 2 seeds;
+    the first entry is the baseline (kind "baseline", whatever its label)."""
+    rows = []
+    for index, ((method, weight), by_metric) in enumerate(values.items()):
+        label, kind = (baseline_label, "baseline") if index == 0 else (method, method)
+        for metric, cells in by_metric.items():
+            for cell, value in enumerate(cells):
+                rows.append((cell // 2, f"prompt {cell // 2}", label, kind, weight, cell % 2, metric, value))
+    return pd.DataFrame(rows, columns=["prompt_index", "prompt", "method", "kind", "weight", "seed", "metric", "value"])
+
+
+# The baseline's DINO differs a lot between prompts; textual inversion's differs from it by a few
+# 1e-4 per cell, in both directions, and by -0.00001 on average.
+BASELINE_DINO = [0.30, 0.31, 0.62, 0.60]
+TI_DINO = [b + d for b, d in zip(BASELINE_DINO, [0.0005, -0.0007, 0.0004, -0.00024])]
+
+
+def test_a_weight_whose_interval_holds_zero_is_not_distinguishable_and_still_eligible():
+    from workbench.report import suggestions
+
+    summary = summarize(with_baseline({
+        ("baseline", 0.0): {"dino": BASELINE_DINO, "clip_t": [0.25, 0.26, 0.30, 0.31]},
+        ("textual_inversion", 1.0): {"dino": TI_DINO, "clip_t": [0.27, 0.28, 0.31, 0.33]},
+    }))
+    ti = summary[summary.method == "textual_inversion"].iloc[0]
+    baseline = summary[summary.method == "baseline"].iloc[0]
+
+    assert ti["dino_mean"] < baseline["dino_mean"]  # the point rule of mean >= the baseline's excluded it
+    assert ti["dino_delta"] == pytest.approx(-0.00001, abs=1e-12)
+    assert ti["dino_delta_lo"] < 0 < ti["dino_delta_hi"]
+    (keep_dino, _) = suggestions(summary, "dino", "clip_t")
+    assert (keep_dino.method, keep_dino.constrained) == ("textual_inversion", "dino")
+    # sd of the differences 5.649e-4, so the half width is 3.182446 * 5.649e-4 / 2 = 8.99e-4
+    assert ("DINO 0.457, Δ -0.0000 [-0.0009, +0.0009] over 4 pairs, not distinguishable from the baseline."
+            in keep_dino.sentence)
+    assert "CLIP-T 0.298, Δ +0.0175 [+0.0095, +0.0255] over 4 pairs, above the baseline" in keep_dino.sentence
+
+
+def test_a_weight_significantly_below_the_baseline_is_not_suggested():
+    from workbench.report import suggestions
+
+    summary = summarize(with_baseline({
+        ("baseline", 0.0): {"dino": BASELINE_DINO, "clip_t": [0.25, 0.26, 0.30, 0.31]},
+        ("lora", 1.0): {"dino": [b - 0.002 + 0.0001 * i for i, b in enumerate(BASELINE_DINO)],
+                        "clip_t": [0.27, 0.28, 0.31, 0.33]},
+    }))
+
+    assert [s.constrained for s in suggestions(summary, "dino", "clip_t")] == ["clip_t"]
+
+
+def test_a_baseline_labelled_control_still_gives_suggestions():
+    from workbench.report import suggestions
+
+    summary = summarize(with_baseline({
+        ("baseline", 0.0): {"dino": BASELINE_DINO, "clip_t": [0.25, 0.26, 0.30, 0.31]},
+        ("textual_inversion", 1.0): {"dino": TI_DINO, "clip_t": [0.27, 0.28, 0.31, 0.33]},
+    }, baseline_label="control"))
+
+    found = suggestions(summary, "dino", "clip_t")
+    assert [(s.method, s.constrained) for s in found] == [("textual_inversion", "dino"),
+                                                          ("textual_inversion", "clip_t")]
+
+
+def test_with_one_pair_a_weight_qualifies_by_its_difference_and_the_sentence_says_no_interval():
+    scores = with_baseline({("baseline", 0.0): {"dino": [0.5], "clip_t": [0.3]},
+                            ("lora", 1.0): {"dino": [0.5], "clip_t": [0.32]}})
+
+    suggestion = suggest_weight(summarize(scores), "lora", keep="dino")
+
+    assert suggestion.weight == 1.0
+    assert "DINO 0.500, Δ +0.0000 (1 pair: no interval) against the baseline." in suggestion.sentence

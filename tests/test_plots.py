@@ -84,17 +84,33 @@ def test_frontier_axis_titles_name_the_metric_its_scale_what_it_measures_and_its
     assert frontier_figure(summarize(fake_scores())).layout.xaxis.title.text == "DINO"
 
 
-def test_hover_shows_method_weight_n_and_mean_plus_minus_std():
+def test_hover_shows_method_weight_n_mean_plus_minus_std_and_the_paired_interval():
     summary = summarize(fake_scores())
 
     (trace,) = traces_named(frontier_figure(summary), "ip_adapter")
+    (baseline,) = traces_named(frontier_figure(summary), "baseline")
 
     row = summary[(summary.method == "ip_adapter") & (summary.weight == 0.5)].iloc[0]
     method, weight, dino, clip_t, n = trace.customdata[1]
     assert (method, weight, n) == ("ip_adapter", "0.5", "n = 6")
-    assert dino == f"{row.dino_mean:.3f} ± {row.dino_std:.3f}"
-    assert clip_t == f"{row.clip_t_mean:.3f} ± {row.clip_t_std:.3f}"
+    paired = "against the baseline (95% t-interval, paired)"
+    assert dino == (f"{row.dino_mean:.3f} ± {row.dino_std:.3f}, Δ {row.dino_delta:+.4f} "
+                    f"[{row.dino_delta_lo:+.4f}, {row.dino_delta_hi:+.4f}] {paired}")
+    assert clip_t == (f"{row.clip_t_mean:.3f} ± {row.clip_t_std:.3f}, Δ {row.clip_t_delta:+.4f} "
+                      f"[{row.clip_t_delta_lo:+.4f}, {row.clip_t_delta_hi:+.4f}] {paired}")
     assert "%{customdata[4]}" in trace.hovertemplate
+    assert "Δ" not in baseline.customdata[0][2]  # the baseline is the reference, not compared with itself
+
+
+def test_a_baseline_labelled_control_keeps_its_star_and_colour():
+    scores = fake_scores().replace({"method": {"baseline": "control"}})
+    scores.insert(2, "kind", scores["method"].map({"control": "baseline"}).fillna(scores["method"]))
+
+    figure = frontier_figure(summarize(scores))
+
+    (control,) = traces_named(figure, "control")
+    assert control.marker.symbol == "star" and control.marker.color == "#222222"
+    assert traces_named(figure, "ip_adapter")[0].customdata[0][2].count("Δ") == 1
 
 
 def test_per_image_cloud_is_faint_and_grouped_with_its_method():

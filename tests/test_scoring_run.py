@@ -39,6 +39,35 @@ def test_run_writes_per_image_scores_summary_and_frontier(scored_run):
     assert set(scores["metric"]) == {"clip_i", "clip_t", "dino", "diversity"}
 
 
+def test_summary_csv_has_the_paired_difference_against_the_baseline_and_variance_csv_its_shares(scored_run):
+    import json
+
+    from workbench.stats import mean_interval
+
+    out = scored_run.run_dir
+    summary = pd.read_csv(out / "summary.csv")
+    cells = pd.read_csv(out / "cells.csv")
+    for metric in ("clip_i", "clip_t", "dino", "diversity"):
+        assert {f"{metric}_delta", f"{metric}_delta_lo", f"{metric}_delta_hi", f"{metric}_delta_n"} <= set(summary)
+    assert summary.loc[summary.method == "baseline", "dino_delta"].isna().all()
+    # by definition: lora@1 minus the baseline on the same (prompt, seed), t-interval over the 4 pairs
+    cell = ["prompt_index", "seed"]
+    lora = cells[cells.method == "lora"].set_index(cell)["dino"]
+    baseline = cells[cells.method == "baseline"].set_index(cell)["dino"]
+    delta, low, high, n = mean_interval((lora - baseline).to_numpy())
+    row = summary[summary.method == "lora"].iloc[0]
+    assert n == 4
+    assert (row["dino_delta"], row["dino_delta_lo"], row["dino_delta_hi"], row["dino_delta_n"]) == (
+        pytest.approx(delta, abs=1e-6), pytest.approx(low, abs=1e-6), pytest.approx(high, abs=1e-6), 4)
+    assert (summary["diversity_delta_n"][summary.method != "baseline"] == 2).all()  # paired by prompt
+    assert set(pd.read_csv(out / "scores.csv")["kind"]) == {"baseline", "ip_adapter", "lora"}
+    variance = pd.read_csv(out / "variance.csv")
+    assert set(variance["metric"]) == {"clip_i", "clip_t", "dino"}
+    assert variance.groupby("metric")["share"].sum().to_numpy() == pytest.approx([1.0, 1.0, 1.0])
+    columns = json.loads((out / "manifest.json").read_text())["columns"]
+    assert "t-interval" in columns["summary.csv"]["<metric>_delta_lo"] and "share" in columns["variance.csv"]
+
+
 def test_cells_csv_scores_equal_the_metric_on_the_saved_image(scored_run, tiny_base):
     from PIL import Image
 
@@ -115,6 +144,8 @@ def test_score_cli_rescores_without_generating(scored_run):
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "rescored 16/16 cells" in done.stdout and "suggested:" in done.stdout
+    assert "Δ DINO" in done.stdout and "variance of each metric" in done.stdout
+    assert "DINO: prompt " in done.stdout and "method@weight" in done.stdout
     assert (out / "summary.csv").is_file() and (out / "frontier.html").is_file()
     assert [p.stat().st_mtime_ns for p in sorted(out.glob("images/*/*.png"))] == mtimes
     assert "diversity_mean" not in pd.read_csv(out / "summary.csv").columns

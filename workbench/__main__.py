@@ -48,10 +48,42 @@ def _print_scores(result) -> None:
     if axes is None:
         return
     summary = result.summary(*axes)
-    columns = ["method", "weight"] + [c for c in summary.columns if c.endswith("_mean")] + ["on_pareto_front"]
-    print(summary[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(_score_table(summary).to_string(index=False))
+    print("Δ: mean paired difference against the baseline on the same prompt and seed, "
+          "[95% t-interval]; an interval holding 0 does not differ from the baseline")
     for suggestion in suggestions(summary, *axes):
         print("suggested:", suggestion.sentence)
+    _print_variance(result.scores)
+
+
+def _score_table(summary):
+    """Each metric's mean and its paired difference against the baseline, as text columns."""
+    import pandas as pd
+
+    from .frontier import metric_label
+    from .stats import delta_text
+
+    table = pd.DataFrame({"method": summary["method"], "weight": summary["weight"].map(lambda w: f"{w:g}")})
+    for metric in [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]:
+        table[metric_label(metric)] = summary[f"{metric}_mean"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+        table[f"Δ {metric_label(metric)}"] = [
+            delta_text(row[f"{metric}_delta"], row[f"{metric}_delta_lo"], row[f"{metric}_delta_hi"],
+                       row[f"{metric}_delta_n"])[2:] or "-" for _, row in summary.iterrows()]
+    table["front"] = summary["on_pareto_front"].map({True: "*", False: ""})
+    return table
+
+
+def _print_variance(scores) -> None:
+    from .frontier import metric_label
+    from .stats import variance_shares
+
+    shares = variance_shares(scores)
+    if shares.empty:
+        return
+    print("variance of each metric over images, by source (main effects; residual = interactions):")
+    for metric, rows in shares.groupby("metric", sort=False):
+        parts = ", ".join(f"{source} {share:.1%}" for source, share in zip(rows["source"], rows["share"]))
+        print(f"  {metric_label(metric)}: {parts} ({rows['n'].iloc[0]} values)")
 
 
 def _score(args) -> int:

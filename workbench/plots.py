@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 
 from .frontier import metric_label, pareto_front
+from .stats import baseline_methods, delta_text
 
 BASELINE = "baseline"
 BASELINE_COLOR = "#222222"
@@ -43,20 +44,29 @@ def axis_title(metric: str, provenance: dict | None) -> str:
     return f"{title}<br><sup>{info['backbone']}</sup>" if info.get("backbone") else title
 
 
-def method_colors(methods) -> dict[str, str]:
-    """A fixed colour per method, in order; the baseline is always near-black."""
-    others = [method for method in methods if method != BASELINE]
+def method_colors(methods, baselines=(BASELINE,)) -> dict[str, str]:
+    """A fixed colour per method, in order; the baselines are always near-black."""
+    others = [method for method in methods if method not in baselines]
     colors = {method: METHOD_COLORS[index % len(METHOD_COLORS)] for index, method in enumerate(others)}
-    colors[BASELINE] = BASELINE_COLOR
+    colors.update({baseline: BASELINE_COLOR for baseline in baselines})
     return colors
 
 
-def _method_trace(rows: pd.DataFrame, method: str, x: str, y: str, color: str) -> go.Scatter:
+def _hover_value(row: pd.Series, metric: str) -> str:
+    """'0.412 ± 0.031, Δ +0.0310 [+0.0120, +0.0500] against the baseline' (no Δ on the baseline)."""
+    text = _mean_std_text(row[f"{metric}_mean"], row[f"{metric}_std"])
+    if f"{metric}_delta" not in row:
+        return text
+    delta = delta_text(row[f"{metric}_delta"], row[f"{metric}_delta_lo"], row[f"{metric}_delta_hi"],
+                       row[f"{metric}_delta_n"])
+    return f"{text}, {delta} against the baseline (95% t-interval, paired)" if delta else text
+
+
+def _method_trace(rows: pd.DataFrame, method: str, x: str, y: str, color: str, baseline: bool = False) -> go.Scatter:
     rows = rows.sort_values("weight")
-    baseline = method == BASELINE
     customdata = np.array([
-        [method, _weight_text(row["weight"]) or "—", _mean_std_text(row[f"{x}_mean"], row[f"{x}_std"]),
-         _mean_std_text(row[f"{y}_mean"], row[f"{y}_std"]), _n_text(row[f"{x}_n"], row[f"{y}_n"], x, y)]
+        [method, _weight_text(row["weight"]) or "—", _hover_value(row, x), _hover_value(row, y),
+         _n_text(row[f"{x}_n"], row[f"{y}_n"], x, y)]
         for _, row in rows.iterrows()
     ], dtype=object)
     return go.Scatter(
@@ -138,11 +148,13 @@ def frontier_figure(
     """Image fidelity (x) against prompt fidelity (y), one line per method through its weights.
 
     Markers are means over prompts and seeds with ± 1 sample std error bars, labelled with their
-    weight; the baseline is a star. The dashed step line is the Pareto front of the means (both
+    weight; the baseline (of kind "baseline") is a star. Hovering a marker gives each metric's paired
+    difference against the baseline with its 95% interval. The dashed step line is the Pareto front of the means (both
     metrics maximised, so up and right is better). With `scores`, each image is a faint dot.
     """
     methods = list(dict.fromkeys(summary["method"]))
-    colors = method_colors(methods)
+    baselines = baseline_methods(summary)
+    colors = method_colors(methods, baselines)
     figure = go.Figure()
     if scores is not None:
         for method in methods:
@@ -151,7 +163,8 @@ def frontier_figure(
                 figure.add_trace(cloud)
     figure.add_trace(_pareto_trace(summary, x, y))
     for method in methods:
-        figure.add_trace(_method_trace(summary[summary["method"] == method], method, x, y, colors[method]))
+        figure.add_trace(_method_trace(summary[summary["method"] == method], method, x, y, colors[method],
+                                       baseline=method in baselines))
     figure.update_layout(
         template="plotly_white",
         # A <sup> line rather than title.subtitle, which needs plotly >= 5.23.

@@ -177,14 +177,37 @@ def column_definitions(x: str | None, y: str | None) -> dict:
                         "(prompt x method x weight), repeated on each image of the group",
         },
         "summary.csv": {
-            "rows": "one per method@weight, pooling every prompt and seed",
+            "rows": "one per method@weight: means and stds pool every prompt and seed (so the std holds the "
+                    "spread between prompts and between seeds); the paired <metric>_delta columns remove that spread",
             "<metric>_mean": "mean of the pooled values",
             "<metric>_std": "sample standard deviation (ddof=1) of the pooled values: over images (seeds x "
                             "prompts) for per-image metrics, over seed groups (one per prompt) for diversity; "
                             "empty when n = 1; the frontier's error bars are +/- 1 std",
             "<metric>_n": "number of pooled non-missing values: images for per-image metrics, seed groups "
                           "(prompts) for diversity",
+            "<metric>_delta": "mean paired difference against the baseline: this method@weight's value minus the "
+                              "baseline's on the same cell (same prompt and seed for per-image metrics, same "
+                              "prompt for diversity), averaged over the cells both have; empty on the baseline's "
+                              "row and without a baseline",
+            "<metric>_delta_lo": "lower end of the 95% confidence interval of <metric>_delta: a Student t-interval "
+                                 "on the paired differences, delta - t(0.975, n-1) * sd / sqrt(n) (sd with ddof=1); "
+                                 "empty when <metric>_delta_n < 2",
+            "<metric>_delta_hi": "upper end of the same interval; an interval holding 0 means the method@weight "
+                                 "does not differ from the baseline on this metric at this sample size",
+            "<metric>_delta_n": "number of paired cells behind <metric>_delta",
+            "kind": "the method's kind; the baseline is the first method of kind 'baseline'",
             "on_pareto_front": front,
+        },
+        "variance.csv": {
+            "rows": "one per per-image metric and source of variance (diversity, one value per seed group, is "
+                    "left out)",
+            "source": "prompt, seed, method@weight, or residual (interactions: a seed or a prompt that suits "
+                      "one method@weight more than another)",
+            "share": "the source's sum of squares over the metric's total, from a main-effects decomposition of "
+                     "the balanced (prompt x seed x method@weight) table: sum over the source's levels of "
+                     "(values at that level) x (level mean - grand mean)^2; the four shares sum to 1",
+            "n": "values used; method@weights missing a (prompt, seed) cell are left out to keep the table "
+                 "balanced",
         },
     }
 
@@ -237,35 +260,41 @@ def frontier_axes(scores: pd.DataFrame) -> tuple[str, str] | None:
 
 def suggestions(summary: pd.DataFrame, x: str, y: str, min_x: float | None = None,
                 min_y: float | None = None) -> list:
-    """Per method (baseline aside), the suggested weights: first, for every method, the best-y weight
-    among those keeping mean x >= min_x; then the reverse, the best-x weight among those keeping mean
-    y >= min_y. A floor not given is the baseline's mean (no floor, no suggestion, without a baseline).
+    """Per method (baselines aside), the suggested weights: first, for every method, the best-y weight
+    among those keeping x; then the reverse, the best-x weight among those keeping y. A metric is kept
+    when its mean is >= the floor given (min_x, min_y), else when its paired difference against the
+    baseline is not significantly below 0 (`frontier.not_below_baseline`; no baseline, no suggestion).
+    The baseline is found by kind ("baseline"), not by its label.
     """
     from dataclasses import replace
 
     from .frontier import suggest_weight
+    from .stats import baseline_methods
 
-    baseline = summary[summary["method"] == "baseline"]
-    floors = []
+    baselines = baseline_methods(summary)
+    rules = []
     for metric, given, keyword in ((x, min_x, "min_x"), (y, min_y, "min_y")):
         if given is not None:
-            floors.append((keyword, float(given), "given"))
-        elif not baseline.empty and pd.notna(baseline[f"{metric}_mean"].iloc[0]):
-            floors.append((keyword, float(baseline[f"{metric}_mean"].iloc[0]), "the baseline's"))
+            rules.append(({keyword: float(given)}, "given"))
+        elif baselines:
+            rules.append(({"keep": metric}, ""))
     found = []
-    for keyword, threshold, source in floors:
+    for rule, source in rules:
         for method in dict.fromkeys(summary["method"]):
-            if method == "baseline":
+            if method in baselines:
                 continue
-            suggestion = suggest_weight(summary, method, x=x, y=y, **{keyword: threshold})
+            suggestion = suggest_weight(summary, method, x=x, y=y, **rule)
             if suggestion is not None:
                 found.append(replace(suggestion, threshold_source=source))
     return found
 
 
 def write_scores(result) -> None:
-    """scores.csv (long), summary.csv (per method@weight, with the Pareto front), frontier.html."""
+    """scores.csv (long), summary.csv (per method@weight, with the Pareto front and the paired
+    differences against the baseline), variance.csv (where each metric's variance comes from),
+    frontier.html."""
     from .plots import frontier_figure_with_x_menu, write_frontier_html
+    from .stats import variance_shares
 
     scores = result.scores
     _atomic_csv(scores, result.run_dir / "scores.csv")
@@ -274,6 +303,7 @@ def write_scores(result) -> None:
         return
     summary = result.summary(*axes)
     _atomic_csv(summary, result.run_dir / "summary.csv")
+    _atomic_csv(variance_shares(scores), result.run_dir / "variance.csv")
     # The HTML file offers both image-fidelity axes the run scored, DINO first.
     xs = [x for x in ("dino", "clip_i") if x in set(scores["metric"])]
     figure = frontier_figure_with_x_menu(summary, xs, y=axes[1], scores=scores, provenance=result.provenance)

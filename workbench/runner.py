@@ -67,7 +67,7 @@ class RunResult:
     wall_seconds: float = 0.0
     generated: int = 0
     stopped: bool = False
-    scores: "pd.DataFrame | None" = None  # long: prompt_index, prompt, method, weight, seed, key, metric, value
+    scores: "pd.DataFrame | None" = None  # long: prompt_index, prompt, method, kind, weight, seed, key, metric, value
     provenance: dict = field(default_factory=dict)  # metric -> axis, direction, backbone, scale
     scoring_seconds: float = 0.0
 

@@ -21,7 +21,7 @@ from .images import load_image
 
 DEFAULT_METRICS = ("clip_i", "clip_t", "dino", "diversity")
 SCORING_COST_FILE = "scoring_cost.json"  # in RUN_DIR/scores: images embedded and seconds of the last scoring
-SCORE_COLUMNS = ["prompt_index", "prompt", "method", "weight", "seed", "key", "metric", "value"]
+SCORE_COLUMNS = ["prompt_index", "prompt", "method", "kind", "weight", "seed", "key", "metric", "value"]
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,8 @@ class RunScores:
             # By method and key: the baseline and IP-Adapter@0 share a key (one image), not a row.
             self.records[(result.method, result.key)] = {
                 "prompt_index": result.cell.prompt_index, "prompt": self.study.scoring_prompt(result.cell.template),
-                "method": result.method, "weight": result.cell.weight, "seed": result.cell.seed, "key": result.key,
+                "method": result.method, "kind": result.kind, "weight": result.cell.weight, "seed": result.cell.seed,
+                "key": result.key,
             }
         todo = list({r.key: (i, r) for i, r in enumerate(results) if r.key not in self.embeddings}.values())
         if todo:
@@ -135,7 +136,8 @@ class RunScores:
             for (prompt_index, method, weight), group in cells.groupby(["prompt_index", "method", "weight"], sort=False, dropna=False):
                 subset = {kind: rows[group.index.to_list()] for kind, rows in stacked.items()}
                 group_rows.append({"prompt_index": prompt_index, "prompt": group["prompt"].iloc[0], "method": method,
-                                   "weight": weight, "seed": None, "key": None, "metric": metric.name,
+                                   "kind": group["kind"].iloc[0], "weight": weight, "seed": None, "key": None,
+                                   "metric": metric.name,
                                    "value": metric.score_group(subset)})
         if group_rows:
             frames.append(pd.DataFrame(group_rows))

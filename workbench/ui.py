@@ -414,10 +414,24 @@ def _mean_std(values: pd.Series) -> str:
     return f"{values.mean():.3f}" if len(values) < 2 else f"{values.mean():.3f} ± {values.std():.3f}"
 
 
+def _table_value(row: pd.Series, metric: str) -> str:
+    """'0.412 Δ +0.0310 [+0.0120, +0.0500]': the mean, then the paired difference against the baseline
+    with its 95% interval (the mean alone on the baseline's row)."""
+    from .stats import delta_text
+
+    mean = row[f"{metric}_mean"]
+    if pd.isna(mean):
+        return ""
+    delta = delta_text(row[f"{metric}_delta"], row[f"{metric}_delta_lo"], row[f"{metric}_delta_hi"],
+                       row[f"{metric}_delta_n"])
+    return f"{mean:.3f}\u202f{delta}" if delta else f"{mean:.3f}"
+
+
 def score_views(scores: pd.DataFrame | None, provenance: dict, columns: dict, x: str) -> Views:
     """Table, figure and suggested weight from the long score table; `columns` maps (method, weight) -> label."""
     from .plots import frontier_figure
     from .report import frontier_axes, suggestions
+    from .stats import baseline_methods
 
     views = Views()
     if scores is None or scores.empty:
@@ -436,9 +450,7 @@ def score_views(scores: pd.DataFrame | None, provenance: dict, columns: dict, x:
                 "front": "★" if row["on_pareto_front"] else ""}
         for metric in TABLE_METRICS:
             if f"{metric}_mean" in summary:
-                mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
-                item[metric_label(metric)] = "" if pd.isna(mean) else (
-                    f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f}\u202f±\u202f{std:.3f}")
+                item[metric_label(metric)] = _table_value(row, metric)
         item["n"] = int(row[f"{x}_n"])
         rows.append(item)
     views.table = pd.DataFrame(rows)
@@ -448,16 +460,17 @@ def score_views(scores: pd.DataFrame | None, provenance: dict, columns: dict, x:
                          legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, title_text=""))
     views.figure = figure
     found = suggestions(summary, x, y)
+    baselines = baseline_methods(summary)
     if found:
         views.suggested = columns.get((found[0].method, found[0].weight))
         views.suggestion = "\n".join(f"- **Suggested:** {s.sentence}" for s in found)
-    elif set(summary["method"]) <= {"baseline"}:  # stopped, or still running, before any method cell
+    elif baselines and set(summary["method"]) <= set(baselines):  # stopped, or running, before any method cell
         views.suggestion = "The suggested weight appears once a method's cells are scored beside the baseline."
-    elif "baseline" in set(summary["method"]):
-        views.suggestion = (f"No weight of any method keeps {metric_label(x)} at or above the baseline's; "
-                            "try higher weights.")
+    elif baselines:
+        views.suggestion = (f"Every weight of every method has {metric_label(x)} significantly below the "
+                            "baseline's (the 95% interval of the paired difference is below 0); try higher weights.")
     else:
-        views.suggestion = "Tick **baseline** to get a suggested weight: its score is the threshold."
+        views.suggestion = "Tick **baseline** to get a suggested weight: each weight is compared with it, cell by cell."
     return views
 
 
