@@ -150,10 +150,10 @@ def test_public_mode_takes_only_allow_listed_models_and_no_typed_paths(tmp_path)
     ui.check_public({**ok, "subject": {"reference_images": [uploaded]}}, choices, {uploaded})
 
 
-def test_public_launch_caps_upload_size_and_serves_only_its_folders(tmp_path):
+def test_public_launch_caps_upload_size_and_serves_no_run_folder_by_path(tmp_path):
     options = ui.launch_options(ui.AppConfig(public=True, runs_dir=tmp_path))
     assert options["max_file_size"] == "10mb"
-    assert options["allowed_paths"] == [str(tmp_path), str(ui.ASSETS)]
+    assert options["allowed_paths"] == [str(ui.ASSETS)]
     assert ui.default_config(public=True).public
 
 
