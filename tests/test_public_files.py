@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import yaml
-from conftest import REPO, tiny_study
+from conftest import tiny_study
 from PIL import Image
 
 from workbench import ui

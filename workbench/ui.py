@@ -531,7 +531,7 @@ def grid_click_column(run_dir: Path, data: dict | None, x: float) -> str | None:
     """The column under a click at pixel column `x` of the run's grid, if it has images yet."""
     manifest = run_dir / "manifest.json"
     try:
-        if manifest.is_file():  # a loaded zip's names its references relative to the run folder
+        if manifest.is_file():  # a loaded zip's manifest names its references relative to the run folder
             study = parse_study(json.loads(manifest.read_text())["study"], source=str(manifest), base_dir=run_dir)
         elif data:
             study = parse_study(data, source="study", base_dir=REPO)
