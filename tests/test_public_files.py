@@ -245,3 +245,12 @@ def test_a_run_request_that_fails_before_its_first_cell_leaves_no_run_folder(tmp
     with pytest.raises(gr.Error, match="dreambooth.checkpoint: cannot load"):
         list(wb.api_run(yaml.safe_dump(study)))
     assert run_folders(wb.config.runs_dir) == []
+
+
+def test_an_exported_run_is_rescored_by_the_cli_from_its_unzipped_folder(scored_run, tmp_path):
+    from workbench.__main__ import main
+
+    loaded = unzip_run(zip_run(scored_run.run_dir, tmp_path / "run.zip"), tmp_path / "loaded")
+    manifest = json.loads((loaded / "manifest.json").read_text())
+    assert manifest["study"]["subject"]["reference_images"] == ["references/00_chelsea.png"]  # no server path
+    assert main(["score", str(loaded)]) == 0
