@@ -175,10 +175,10 @@ def test_form_numbers_that_are_not_finite_are_refused_by_name():
             form.read({**values, component: float("nan")}, [])
 
 
-def test_public_launch_caps_upload_size_and_serves_only_its_folders(tmp_path):
+def test_public_launch_caps_upload_size_and_serves_no_run_folder_by_path(tmp_path):
     options = ui.launch_options(ui.AppConfig(public=True, runs_dir=tmp_path))
     assert options["max_file_size"] == "10mb"
-    assert options["allowed_paths"] == [str(tmp_path), str(ui.ASSETS)]
+    assert options["allowed_paths"] == [str(ui.ASSETS)]
     assert ui.default_config(public=True).public
 
 

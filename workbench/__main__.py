@@ -97,7 +97,8 @@ def _score(args) -> int:
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
         raise StudyError(f"{run_dir}: no manifest.json here; is it a run folder written by `workbench run`?")
-    study = parse_study(json.loads(manifest_path.read_text())["study"], source=str(manifest_path))
+    # an exported run's manifest names its references relative to the folder
+    study = parse_study(json.loads(manifest_path.read_text())["study"], source=str(manifest_path), base_dir=run_dir)
     result = run_study(study, run_dir, generate=False, scoring=_scoring(study, args), show_progress_bar=False)
     print(f"{study.name}: rescored {len(result.results)}/{len(study.cells())} cells -> {run_dir}")
     _print_scores(result)

@@ -8,6 +8,7 @@ as `tiny`), so `parse_study(study.yaml, base_dir=<unzipped folder>)` works on an
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import zipfile
@@ -16,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from .errors import StudyError
-from .safe_yaml import read_study_file
+from .paths import inside
+from .safe_yaml import MAX_MANIFEST_BYTES, MAX_STUDY_BYTES, read_study_file
 
 STUDY_FILE = "study.yaml"
 REFERENCES = "references"
@@ -26,6 +28,7 @@ MAX_MEMBERS = 50_000
 _SKIP_SUFFIXES = (".partial", ".zip")
 _STORED = (".png", ".safetensors")  # already compressed (or incompressible): store, do not deflate
 _PATH_OPTIONS = ("adapter", "path", "embedding", "checkpoint")
+PATH_COLUMNS = ("image",)  # the columns of a run's CSV files that name one of its files
 
 
 def portable_study(study: dict, run_dir: Path) -> dict:
@@ -76,7 +79,8 @@ def zip_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
         raise StudyError(f"{run_dir}: no manifest.json here; nothing has been generated into this run folder yet")
-    study = portable_study(json.loads(manifest_path.read_text())["study"], run_dir)
+    manifest = json.loads(manifest_path.read_text())
+    study = portable_study(manifest["study"], run_dir)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}.zip"
     partial = out.with_suffix(".zip.partial")
     with zipfile.ZipFile(partial, "w") as archive:
@@ -85,6 +89,10 @@ def zip_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 continue
             name = path.relative_to(run_dir).as_posix()
             if name == STUDY_FILE:
+                continue
+            if name == "manifest.json":  # with the portable study too: every path in the zip is inside it
+                archive.writestr(name, json.dumps({**manifest, "study": study}, indent=2, default=str),
+                                 compress_type=zipfile.ZIP_DEFLATED)
                 continue
             compression = zipfile.ZIP_STORED if path.suffix in _STORED else zipfile.ZIP_DEFLATED
             archive.write(path, name, compress_type=compression)
@@ -98,7 +106,8 @@ def unzip_run(zip_path: str | Path, dest: str | Path) -> Path:
     """Extract an exported run into the new folder `dest` and return it.
 
     Refuses (StudyError) archives that are not zips, hold paths outside the folder, files of other
-    kinds than a run writes, or unpack to more than MAX_UNZIPPED_BYTES.
+    kinds than a run writes, or unpack to more than MAX_UNZIPPED_BYTES, and runs whose files name a
+    path outside the folder (see `check_run_paths`); a refused archive leaves nothing behind.
     """
     dest = Path(dest).resolve()
     try:
@@ -125,18 +134,70 @@ def unzip_run(zip_path: str | Path, dest: str | Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             with archive.open(member) as source, open(target, "wb") as sink:
                 shutil.copyfileobj(source, sink)
+    try:
+        check_run_paths(dest, Path(zip_path).name)
+    except StudyError:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
     return dest
+
+
+def check_run_paths(run_dir: str | Path, name: str) -> None:
+    """Refuse (StudyError) a run folder from elsewhere that names a file outside itself.
+
+    Checked: the file columns of cells.csv, scores.csv and summary.csv (PATH_COLUMNS) and the
+    reference images of study.yaml and of manifest.json's study. Nothing they name is opened.
+    """
+    run_dir = Path(run_dir)
+    for table in ("cells.csv", "scores.csv", "summary.csv"):
+        path = run_dir / table
+        if not path.is_file():
+            continue
+        try:
+            with path.open(newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle))
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise StudyError(f"{name}: {table}: cannot read it ({error})") from None
+        for column in PATH_COLUMNS:
+            for index, row in enumerate(rows):
+                if row.get(column):
+                    inside(run_dir, row[column], f"{name}: {table}: {column}[{index}]", "the zip")
+    for source, study in stored_studies(run_dir).items():
+        for index, ref in enumerate(reference_images(study)):
+            inside(run_dir, ref, f"{name}: {source}: subject.reference_images[{index}]", "the zip")
+
+
+def reference_images(study: dict) -> list:
+    """subject.reference_images of a study dict as written (a list; a lone string becomes one item)."""
+    subject = study.get("subject") if isinstance(study, dict) else None
+    references = (subject.get("reference_images") if isinstance(subject, dict) else None) or []
+    if isinstance(references, str):
+        return [references]
+    return list(references) if isinstance(references, list) else []
+
+
+def stored_studies(run_dir: str | Path) -> dict[str, dict]:
+    """The studies a run folder holds, as written: {"study.yaml": ..., "manifest.json": ...} for those present."""
+    run_dir = Path(run_dir)
+    found = {}
+    for source in (STUDY_FILE, "manifest.json"):
+        path = run_dir / source
+        if not path.is_file():
+            continue
+        data = read_study_file(path, max_bytes=MAX_STUDY_BYTES if source == STUDY_FILE else MAX_MANIFEST_BYTES)
+        if source != STUDY_FILE:
+            data = data.get("study") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise StudyError(f"{path}: expected a mapping of study fields")
+        found[source] = data
+    return found
 
 
 def saved_study(run_dir: str | Path) -> dict:
     """The study of a run folder (study.yaml, else the manifest's), with paths portable to this folder."""
-    run_dir = Path(run_dir)
-    if (run_dir / STUDY_FILE).is_file():
-        data = read_study_file(run_dir / STUDY_FILE)
-    elif (run_dir / "manifest.json").is_file():
-        data = portable_study(json.loads((run_dir / "manifest.json").read_text())["study"], run_dir)
-    else:
-        raise StudyError(f"{run_dir}: no study.yaml or manifest.json; not a run folder")
-    if not isinstance(data, dict):
-        raise StudyError(f"{run_dir / STUDY_FILE}: expected a mapping of study fields")
-    return data
+    studies = stored_studies(run_dir)
+    if STUDY_FILE in studies:
+        return studies[STUDY_FILE]
+    if "manifest.json" in studies:
+        return portable_study(studies["manifest.json"], Path(run_dir))
+    raise StudyError(f"{run_dir}: no study.yaml or manifest.json; not a run folder")

@@ -16,6 +16,7 @@ import yaml
 from .errors import StudyError
 
 MAX_STUDY_BYTES = 1 << 20  # a preset of a thousand prompts is ~100 KB
+MAX_MANIFEST_BYTES = 10 << 20  # a manifest.json adds run records and metric definitions to its study
 MAX_VALUES = 10_000  # scalars, lists and mappings, aliases expanded; a shipped preset has ~100
 MAX_DEPTH = 32  # nesting of lists and mappings; a preset needs 5 (methods > block_scales > up > block > list)
 

@@ -18,11 +18,11 @@ import math
 import os
 import queue
 import re
+import secrets
 import shutil
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -32,12 +32,13 @@ import pandas as pd
 import yaml
 
 from .errors import StudyError
-from .export import saved_study, unzip_run, zip_run
+from .export import reference_images, saved_study, stored_studies, unzip_run, zip_run
 from .frontier import metric_label, summarize
 from .images import MAX_IMAGE_PIXELS, load_image
+from .paths import inside
 from .report import grid_column_at, grid_images
 from .runner import RunResult
-from .safe_yaml import load_yaml, read_study_file
+from .safe_yaml import MAX_MANIFEST_BYTES, MAX_STUDY_BYTES, load_yaml, read_study_file
 from .spec import DTYPES, MAX_SIDE, SCHEDULERS, parse_study
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,11 +145,13 @@ def discover_models(models_dir: Path) -> ModelChoices:
     )
 
 
-def check_public(data: dict, choices: ModelChoices, trusted_references: set[str] = frozenset()) -> dict:
+def check_public(data: dict, choices: ModelChoices, trusted_references: set[str] = frozenset(),
+                 base_dir: Path = REPO) -> dict:
     """Refuse what a public app must not accept: models off the allow-list, typed file paths, huge studies.
 
-    Reference images must be demo assets (`assets/NAME.png`) or files the app itself wrote
-    (`trusted_references`). Returns `data` with max_cells capped.
+    Reference images (relative ones resolve against `base_dir`) must be demo assets (`assets/NAME.png`)
+    or files the app itself wrote (`trusted_references`); none is opened, so a refusal says nothing
+    about the server's files. Returns `data` with max_cells capped.
     """
     def refuse(field_name: str, value, offered: set[str]) -> StudyError:
         shown = ", ".join(sorted(v for v in offered if v))
@@ -175,7 +178,7 @@ def check_public(data: dict, choices: ModelChoices, trusted_references: set[str]
         raise StudyError("subject: expected a mapping with reference_images, token, class_noun")
     references = subject.get("reference_images") or []
     for index, ref in enumerate(references if isinstance(references, list) else [references]):
-        resolved = str((REPO / str(ref)).resolve()) if not os.path.isabs(str(ref)) else str(Path(ref).resolve())
+        resolved = str((Path(base_dir) / str(ref)).resolve())
         if resolved not in assets and resolved not in {str(Path(t).resolve()) for t in trusted_references}:
             raise StudyError(f"subject.reference_images[{index}]: {ref!r}: on this public app, upload reference "
                              "images or name a demo subject (assets/chelsea.png, ...); file paths are not accepted")
@@ -274,22 +277,40 @@ def _upload_message(message: str, field_name: str) -> str:
 
 
 def new_run_dir(runs_dir: Path, name: str) -> Path:
+    """A new run folder `<time>-<name>-<128 random bits>`: no one finds another's run by guessing its name."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name or "study").strip("-")[:40] or "study"
-    path = runs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{uuid.uuid4().hex[:6]}"
-    path.mkdir(parents=True, exist_ok=True)
+    path = runs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(16)}"
+    path.mkdir(parents=True)
     return path
 
 
-def request_stop(run_dir: str | None) -> bool:
-    """Ask the job writing into run_dir to stop at its next denoising step."""
+def served_file(path: str | Path) -> str:
+    """A copy of `path` in Gradio's cache, in a folder named by a salted hash of its bytes: what a client gets.
+
+    Run folders are not among the app's allowed_paths, so a client fetches only the copies handed to
+    its own session, never a run file by its path.
+    """
+    from gradio.processing_utils import save_file_to_cache
+    from gradio.utils import get_upload_folder
+
+    return save_file_to_cache(path, get_upload_folder())
+
+
+def _stop_file(run_dir: Path, job: str = "") -> Path:
+    # one file per session's job: a Stop pressed in another session, in the same folder, reaches nothing
+    return Path(run_dir) / (f"{STOP_FILE}-{job}" if job else STOP_FILE)
+
+
+def request_stop(run_dir: str | None, job: str = "") -> bool:
+    """Ask the job `job` writing into run_dir to stop at its next denoising step."""
     if not run_dir or not Path(run_dir).is_dir():
         return False
-    (Path(run_dir) / STOP_FILE).touch()
+    _stop_file(run_dir, job).touch()
     return True
 
 
-def _stop_requested(run_dir: Path) -> bool:
-    return (run_dir / STOP_FILE).exists()
+def _stop_requested(run_dir: Path, job: str = "") -> bool:
+    return _stop_file(run_dir, job).exists()
 
 
 def _user_errors(fn):
@@ -321,7 +342,7 @@ def count_cells(data: dict) -> int:
     return len(data.get("prompts") or []) * len(data.get("seeds") or [0]) * columns
 
 
-def gpu_seconds(data: dict, run_dir: str, score: bool = True) -> int:
+def gpu_seconds(data: dict, run_dir: str, score: bool = True, job: str = "") -> int:
     """ZeroGPU duration for one grid: model load, then per image ~ steps x pixels (SDXL ~2.5x)."""
     size = data.get("size", 512)
     height, width = (size, size) if isinstance(size, int) else size
@@ -332,8 +353,10 @@ def gpu_seconds(data: dict, run_dir: str, score: bool = True) -> int:
     return int(min(GPU_MAX_SECONDS, 30 + 10 * methods + count_cells(data) * per_image))
 
 
-def job_events(data: dict, run_dir: str, score: bool = True, tick: float = 0.25) -> Iterator:
+def job_events(data: dict, run_dir: str, score: bool = True, tick: float = 0.25, job: str = "") -> Iterator:
     """Run the study in a worker thread; yield each ProgressEvent, None every `tick` s of quiet, then the RunResult.
+
+    `request_stop(run_dir, job)` stops it within a denoising step.
 
     Everything yielded is a CPU object (paths, frames, dataclasses), so this can run as one ZeroGPU call.
     An exception in the worker is re-raised here after the run folder's outputs were written.
@@ -346,7 +369,8 @@ def job_events(data: dict, run_dir: str, score: bool = True, tick: float = 0.25)
 
     def work():
         try:
-            events.put(run_study(study, run_dir, progress=events.put, should_stop=lambda: _stop_requested(run_dir),
+            events.put(run_study(study, run_dir, progress=events.put,
+                                 should_stop=lambda: _stop_requested(run_dir, job),
                                  show_progress_bar=False, score=score))
         except BaseException as error:  # handed to the consumer, which raises it in the request
             events.put(error)
@@ -367,7 +391,7 @@ def job_events(data: dict, run_dir: str, score: bool = True, tick: float = 0.25)
                 return
     finally:
         if worker.is_alive():  # the consumer went away (closed tab, cancelled): stop within a step
-            (run_dir / STOP_FILE).touch()
+            _stop_file(run_dir, job).touch()
             worker.join(timeout=60)
 
 
@@ -525,10 +549,16 @@ def column_detail(run_dir: Path, column: str) -> tuple[list, str]:
     metrics = [m for m in ("dino", "clip_i", "clip_t") if m in rows]
     items = []
     for _, row in rows.iterrows():
+        try:  # cells.csv is a file a client may have written (a loaded zip): its rows name files of the run only
+            image = inside(run_dir, row["image"], "cells.csv: image")
+        except StudyError:
+            continue
+        if not image.is_file():
+            continue
         # scores first: a narrow screen cuts the end of a caption
         scores = " · ".join(f"{metric_label(m)} {row[m]:.3f}" for m in metrics if pd.notna(row[m]))
         caption = (f"{scores} · " if scores else "") + f"seed {row['seed']} · {row['prompt']}"
-        items.append((str(run_dir / row["image"]), caption))
+        items.append((str(image), caption))
     means = " · ".join(f"{metric_label(m)} {_mean_std(rows[m])}" for m in metrics if rows[m].notna().any())
     layout = " (prompt by prompt, one per seed)" if rows["seed"].nunique() > 1 else ""
     return items, f"`{column}` — {len(rows)} images{layout}" + (f" · {means}" if means else "")
@@ -544,8 +574,8 @@ def grid_click_column(run_dir: Path, data: dict | None, x: float) -> str | None:
     """The column under a click at pixel column `x` of the run's grid, if it has images yet."""
     manifest = run_dir / "manifest.json"
     try:
-        if manifest.is_file():
-            study = parse_study(json.loads(manifest.read_text())["study"], source=str(manifest))
+        if manifest.is_file():  # a loaded zip's manifest names its references relative to the run folder
+            study = parse_study(json.loads(manifest.read_text())["study"], source=str(manifest), base_dir=run_dir)
         elif data:
             study = parse_study(data, source="study", base_dir=REPO)
         else:
@@ -575,6 +605,13 @@ def column_for_click(run_dir: Path, text: str) -> str | None:
         return None
     match = rows[(rows["weight"] - weight).abs() < 1e-9]
     return str(match["column"].iloc[0]) if not match.empty else None
+
+
+def _references_inside(data: dict, run_dir: Path, what: str) -> dict:
+    """A run folder's study with its reference images resolved inside the folder (StudyError for one outside)."""
+    references = [str(inside(run_dir, ref, f"{what}: subject.reference_images[{index}]"))
+                  for index, ref in enumerate(reference_images(data))]
+    return {**data, "subject": {**(data.get("subject") or {}), "reference_images": references}}
 
 
 def failure_text(done: int, total: int, message: str) -> str:
@@ -845,8 +882,11 @@ HEAD = """
 
 
 def launch_options(config: AppConfig) -> dict:
-    """Keyword arguments for `demo.launch(...)` that belong to the app (theme, CSS, files it may serve)."""
-    return dict(css=CSS, head=HEAD, theme=gr.themes.Soft(), allowed_paths=[str(config.runs_dir), str(ASSETS)],
+    """Keyword arguments for `demo.launch(...)` that belong to the app (theme, CSS, files it may serve).
+
+    Run folders are not served by path: handlers hand out copies (`served_file`).
+    """
+    return dict(css=CSS, head=HEAD, theme=gr.themes.Soft(), allowed_paths=[str(ASSETS)],
                 max_file_size=config.upload_limit, footer_links=["api", "gradio"])
 
 
@@ -904,6 +944,7 @@ class Workbench:
         self.refs_state = gr.State(self.initial_refs)  # reference image paths of this session
         self.study_state = gr.State(None)  # the study dict of the job being prepared / run
         self.run_state = gr.State(None)  # this session's run folder (reused: cached cells come back at once)
+        self.job_state = gr.State(None)  # this session's job token: its Stop reaches only the jobs it started
 
         gr.Markdown("# Personalization workbench\nCompare personalization methods side by side: a grid of "
                     "method × weight × seed × prompt, scored live (CLIP-I, CLIP-T, DINO) on a fidelity frontier.")
@@ -1013,15 +1054,16 @@ class Workbench:
                   None, self.load_outputs, **instant)
 
         # generate (validate at once, then wait for the GPU queue), stop, start over
-        prepared = {self.study_state, self.run_state, self.yaml_code, self.status}
-        job = dict(fn=self.run_job, inputs=[self.study_state, self.run_state, self.x_axis, self.column_pick],
+        prepared = {self.study_state, self.run_state, self.job_state, self.yaml_code, self.status}
+        job = dict(fn=self.run_job, inputs=[self.study_state, self.run_state, self.job_state, self.x_axis,
+                                            self.column_pick],
                    outputs=[*self.panels, self.generate_button], concurrency_id="gpu", concurrency_limit=1,
                    show_progress="hidden", **private)
-        self.generate_button.click(self.on_generate, form_inputs | {self.refs_state, self.run_state}, prepared,
-                                   **quick).success(**job)
-        self.yaml_run_button.click(self.on_yaml_run, [self.yaml_code, self.refs_state, self.run_state], prepared,
-                                   **quick).success(**job)
-        self.stop_button.click(self.on_stop, self.run_state, None, **instant)
+        self.generate_button.click(self.on_generate, form_inputs | {self.refs_state, self.run_state, self.job_state},
+                                   prepared, **quick).success(**job)
+        self.yaml_run_button.click(self.on_yaml_run, [self.yaml_code, self.refs_state, self.run_state,
+                                                      self.job_state], prepared, **quick).success(**job)
+        self.stop_button.click(self.on_stop, [self.run_state, self.job_state], None, **instant)
         self.new_button.click(self.on_new_run, None, self.panels | {self.run_state, self.column_gallery,
                                                                     self.column_info, self.export_file}, **instant)
 
@@ -1052,7 +1094,7 @@ class Workbench:
 
     def set_references(self, paths: list[str]) -> dict:
         demo = paths[0] if len(paths) == 1 and paths[0] in self.demo_assets else ""
-        return {self.refs_state: paths, self.form.reference_gallery: [(p, None) for p in paths],
+        return {self.refs_state: paths, self.form.reference_gallery: [(served_file(p), None) for p in paths],
                 self.form.demo_subject: demo}
 
     @_user_errors
@@ -1065,14 +1107,15 @@ class Workbench:
         return self.set_references([str(normalize_reference(f, folder, f"reference image {Path(f).name}"))
                                     for f in files])
 
+    @_user_errors
     def on_demo_subject(self, path: str) -> dict:
-        return self.set_references([path]) if path else {}
+        return self.set_references([str(inside(ASSETS, path, "demo subject"))]) if path else {}
 
     @_user_errors
     def on_prompt_list(self, path: str):
         if not path:
             return gr.update()
-        data, _ = _preset_data(Path(path))
+        data, _ = _preset_data(inside(PRESETS, path, "prompts preset"))
         return "\n".join(data.get("prompts") or [])
 
     # ------------------------------------------------------------ presets, files, runs
@@ -1088,20 +1131,24 @@ class Workbench:
             self.column_pick: gr.update(choices=views.columns, value=None),
         }
 
-    def checked(self, data: dict, trusted: set[str] = frozenset()) -> dict:
-        return check_public(data, self.choices, trusted) if self.config.public else data
+    def checked(self, data: dict, trusted: set[str] = frozenset(), base_dir: Path = REPO) -> dict:
+        return check_public(data, self.choices, trusted, base_dir) if self.config.public else data
 
     @_user_errors
     def on_preset(self, path: str) -> dict:
         if not path:
             raise StudyError("preset: pick one first")
-        data, references = _preset_data(Path(path))
+        data, references = _preset_data(inside(PRESETS, path, "preset"))
         return self.filled(data, references, message=f"Loaded preset {Path(path).stem}. Press Generate.")
 
     def open_run(self, run_dir: Path, what: str) -> dict:
-        data = saved_study(run_dir)
-        inside = {str((run_dir / r).resolve()) for r in (data.get("subject") or {}).get("reference_images", [])}
-        study = parse_study(self.checked(data, inside), source=what, base_dir=run_dir)
+        """A run folder's study in the form, its views in the panels; its references must be files inside it."""
+        data = _references_inside(saved_study(run_dir), run_dir, what)
+        trusted = set(data["subject"]["reference_images"])
+        study = parse_study(self.checked(data, trusted, run_dir), source=what, base_dir=run_dir)
+        if self.config.public and (run_dir / "manifest.json").is_file():  # its study draws the grid's click map
+            saved = _references_inside(stored_studies(run_dir)["manifest.json"], run_dir, f"{what}: manifest.json")
+            self.checked(saved, set(saved["subject"]["reference_images"]), run_dir)
         cells = _read_cells(run_dir)
         on_disk, total = 0 if cells is None else len(cells), len(study.cells())
         return self.filled(data, list(study.subject.reference_images), run_dir,
@@ -1116,14 +1163,14 @@ class Workbench:
         suffix = path.suffix.lower()
         if suffix == ".zip":
             # "20261123-133925-tiny-14d978.zip" (a run exported here) -> a folder "<now>-tiny-<new id>"
-            run_dir = new_run_dir(self.config.runs_dir, re.sub(r"^\d{8}-\d{6}-(.*)-[0-9a-f]{6}$", r"\1", path.stem))
+            run_dir = new_run_dir(self.config.runs_dir, re.sub(r"^\d{8}-\d{6}-(.*)-[0-9a-f]{6,32}$", r"\1", path.stem))
             try:
                 return self.open_run(unzip_run(path, run_dir), path.name)
             except StudyError:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 raise
         # a manifest.json grows a little with every rerun; its study is capped like any other
-        data = read_study_file(path, path.name, max_bytes=(10 if suffix == ".json" else 1) << 20)
+        data = read_study_file(path, path.name, max_bytes=MAX_MANIFEST_BYTES if suffix == ".json" else MAX_STUDY_BYTES)
         if suffix == ".json":
             if not isinstance(data, dict) or "study" not in data:
                 raise StudyError(f"{path.name}: not a manifest.json (no 'study' key)")
@@ -1135,7 +1182,8 @@ class Workbench:
     def on_open_run(self, path: str | None) -> dict:
         if not path:
             raise StudyError("run folder: pick one first")
-        return self.open_run(Path(path), Path(path).name)
+        run_dir = inside(self.config.runs_dir, path, "run folder")
+        return self.open_run(run_dir, run_dir.name)
 
     @_user_errors
     def on_yaml_to_form(self, text: str, references: list[str]) -> dict:
@@ -1147,19 +1195,28 @@ class Workbench:
 
     # ------------------------------------------------------------ generate, stop
 
-    def prepare(self, data: dict, run_dir: str | None, trusted: set[str]) -> dict:
-        """Validate (before any GPU work), pick the run folder, copy the references into it."""
+    def prepare(self, data: dict, run_dir: str | None, trusted: set[str], job: str | None = None) -> dict:
+        """Validate (before any GPU work), pick the run folder, copy the references into it.
+
+        A new run folder is made only for a valid study. `job` is the session's job token (a new one
+        when it has none yet): its Stop reaches only the jobs it started.
+        """
         data = self.checked(data, trusted)
         study = parse_study(data, source="study", base_dir=REPO)
-        if not (run_dir and Path(run_dir).is_dir()):
-            run_dir = new_run_dir(self.config.runs_dir, study.name)
-        run_dir = Path(run_dir)
-        (run_dir / STOP_FILE).unlink(missing_ok=True)
-        refs = [str(normalize_reference(p, run_dir / "references", f"subject.reference_images[{i}]"))
-                for i, p in enumerate(study.subject.reference_images)]
+        fresh = not (run_dir and Path(run_dir).is_dir())
+        run_dir = new_run_dir(self.config.runs_dir, study.name) if fresh else Path(run_dir)
+        job = job or secrets.token_hex(16)
+        _stop_file(run_dir, job).unlink(missing_ok=True)
+        try:
+            refs = [str(normalize_reference(p, run_dir / "references", f"subject.reference_images[{i}]"))
+                    for i, p in enumerate(study.subject.reference_images)]
+        except StudyError:
+            if fresh:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         data = {**data, "subject": {**(data.get("subject") or {}), "reference_images": refs}}
         total = len(study.cells())
-        return {self.study_state: data, self.run_state: str(run_dir), self.yaml_code: _yaml(data),
+        return {self.study_state: data, self.run_state: str(run_dir), self.job_state: job, self.yaml_code: _yaml(data),
                 self.status: progress_html(0, total, f"Queued: {total} cells into {run_dir.name}/ …")}
 
     @_user_errors
@@ -1167,10 +1224,10 @@ class Workbench:
         references = v[self.refs_state] or []
         if not references:
             raise StudyError("reference images: upload 1–5 images of the subject or pick a demo subject")
-        return self.prepare(self.form.read(v, references), v[self.run_state], set(references))
+        return self.prepare(self.form.read(v, references), v[self.run_state], set(references), v[self.job_state])
 
     @_user_errors
-    def on_yaml_run(self, text: str, references: list[str], run_dir: str | None) -> dict:
+    def on_yaml_run(self, text: str, references: list[str], run_dir: str | None, job: str | None = None) -> dict:
         data = _mapping(_load_yaml(text), "Study YAML")
         trusted = set(references or [])
         if run_dir:  # the YAML shown after a Generate names the copies in the run folder
@@ -1178,10 +1235,11 @@ class Workbench:
         subject = data.get("subject") if isinstance(data.get("subject"), dict) else {}
         if not subject.get("reference_images"):
             data["subject"] = {**subject, "reference_images": list(references or [])}
-        return self.prepare(data, run_dir, trusted)
+        return self.prepare(data, run_dir, trusted, job)
 
-    def on_stop(self, run_dir: str | None) -> None:
-        if request_stop(run_dir):
+    def on_stop(self, run_dir: str | None, job: str | None) -> None:
+        """Stop this session's job; a session that opened another's run folder has another job token."""
+        if job and request_stop(run_dir, job):
             gr.Info("Stopping within one denoising step; finished images are kept.")
 
     def on_new_run(self) -> dict:
@@ -1194,7 +1252,8 @@ class Workbench:
                 self.suggestion: views.suggestion, self.column_pick: gr.update(choices=views.columns)}
 
     @_user_errors
-    def run_job(self, data: dict | None, run_dir: str | None, x: str, picked: str | None) -> Iterator[dict]:
+    def run_job(self, data: dict | None, run_dir: str | None, job: str | None, x: str,
+                picked: str | None) -> Iterator[dict]:
         """The GPU job: stream the grid, scores and frontier as cells finish; keep everything on failure."""
         if not data or not run_dir:
             raise StudyError("press Generate to prepare a study first")
@@ -1209,7 +1268,7 @@ class Workbench:
                self.generate_button: gr.update(interactive=False)}
         last, shown, interval, start = None, 0.0, self.config.redraw_seconds, time.perf_counter()
         try:
-            for item in self.gpu_job(data, str(run_dir), why_unscored is None):
+            for item in self.gpu_job(data, str(run_dir), why_unscored is None, job=job or ""):
                 if isinstance(item, RunResult):
                     last = item
                     break
@@ -1217,7 +1276,7 @@ class Workbench:
                 if last is None or time.perf_counter() - shown < interval:
                     continue
                 begun = time.perf_counter()
-                text = _progress_text(last, begun - start, _stop_requested(run_dir))
+                text = _progress_text(last, begun - start, _stop_requested(run_dir, job or ""))
                 yield self.render(live_views(last.run, x, why_unscored is None),
                                   progress_html(last.done, last.total, text))
                 shown = time.perf_counter()
@@ -1231,7 +1290,7 @@ class Workbench:
                    self.generate_button: gr.update(interactive=True)}
             raise gr.Error(text) from None  # the status line may be scrolled off a phone's screen
         result: RunResult = last
-        (run_dir / STOP_FILE).unlink(missing_ok=True)
+        _stop_file(run_dir, job or "").unlink(missing_ok=True)
         cached = len(result.results) - result.generated
         if result.stopped:
             text, state = (f"Stopped: {len(result.results)}/{total} cells on disk ({result.generated} new, {cached} "
@@ -1259,7 +1318,7 @@ class Workbench:
         items, info = column_detail(Path(run_dir), column)
         # 2 to 4 across: one image alone would fill the whole panel
         columns = min(4, max(2, column_seeds(Path(run_dir), column)))
-        return gr.update(value=items, columns=columns), info
+        return gr.update(value=[(served_file(path), caption) for path, caption in items], columns=columns), info
 
     def on_table_select(self, event: gr.SelectData):
         row = event.row_value or []
@@ -1277,7 +1336,7 @@ class Workbench:
     def on_export(self, run_dir: str | None) -> str:
         if not run_dir:
             raise StudyError("export: generate something first")
-        return str(zip_run(run_dir))
+        return served_file(zip_run(run_dir))
 
     # ------------------------------------------------------------ /run
 
@@ -1289,23 +1348,28 @@ class Workbench:
         per method@weight with the mean, std and n of each metric and `on_pareto_front`.
         """
         data = _mapping(_load_yaml(study_yaml, "study_yaml"), "study_yaml")
-        run_dir = new_run_dir(self.config.runs_dir, str(data.get("name") or "api"))
-        trusted = set()
-        if reference_images:
-            if len(reference_images) > MAX_REFERENCES:
-                raise StudyError(f"reference_images: at most {MAX_REFERENCES}")
-            trusted = {str(normalize_reference(p, run_dir / "references", f"reference_images[{i}]"))
-                       for i, p in enumerate(reference_images)}
-            subject = data.get("subject") if isinstance(data.get("subject"), dict) else {}
-            data["subject"] = {**subject, "reference_images": sorted(trusted)}
-        prepared = self.prepare(data, str(run_dir), trusted)
+        with tempfile.TemporaryDirectory() as uploads:  # the run folder is made once the study is valid
+            trusted = set()
+            if reference_images:
+                if len(reference_images) > MAX_REFERENCES:
+                    raise StudyError(f"reference_images: at most {MAX_REFERENCES}")
+                trusted = {str(normalize_reference(p, Path(uploads), f"reference_images[{i}]"))
+                           for i, p in enumerate(reference_images)}
+                subject = data.get("subject") if isinstance(data.get("subject"), dict) else {}
+                data["subject"] = {**subject, "reference_images": sorted(trusted)}
+            prepared = self.prepare(data, None, trusted)
+        run_dir = Path(prepared[self.run_state])
         last, shown = None, 0.0
-        for item in self.gpu_job(prepared[self.study_state], str(run_dir), True):
-            if isinstance(item, RunResult):
-                last = item
-            elif item is not None and time.perf_counter() - shown > 1.0:
-                shown = time.perf_counter()
-                yield [(grid_images(item.run)[0][1], "grid.png")], None, None
+        try:
+            for item in self.gpu_job(prepared[self.study_state], str(run_dir), True, job=prepared[self.job_state]):
+                if isinstance(item, RunResult):
+                    last = item
+                elif item is not None and time.perf_counter() - shown > 1.0:
+                    shown = time.perf_counter()
+                    yield [(grid_images(item.run)[0][1], "grid.png")], None, None
+        finally:
+            if not any((run_dir / "images").glob("*/*.png")):  # nothing made: leave no empty run folder
+                shutil.rmtree(run_dir, ignore_errors=True)
         if last is None or not last.results:
             raise StudyError("the study produced no images")
         summary = run_dir / "summary.csv"  # numbers, not display strings: this is for scripts
