@@ -40,7 +40,8 @@ BROKEN = {"garbage header": _garbage_header, "invalid header length": _invalid_h
 
 # Where a weight file is accepted, and the field the error must name.
 FIELDS = {
-    "adapter": (lambda p: {"methods": [{"kind": "ip_adapter", "adapter": p, "weights": [0.5]}]}, r"methods\[0\]: adapter: "),
+    "adapter": (lambda p: {"methods": [{"kind": "ip_adapter", "adapter": p, "weights": [0.5]}]},
+                r"methods\[0\]: adapter: "),
     "embedding": (lambda p: {"methods": [{"kind": "textual_inversion", "embedding": p}]}, r"methods\[0\]: embedding: "),
     "checkpoint": (lambda p: {"methods": [{"kind": "dreambooth", "checkpoint": p}]}, r"methods\[0\]: checkpoint: "),
     "base": (lambda p: {"base": p}, r"base: "),
@@ -55,7 +56,8 @@ def test_a_broken_safetensors_file_is_refused_naming_the_field(tmp_path, field, 
     weights = tmp_path / "weights.safetensors"
     BROKEN[broken](weights)
     overrides, named = FIELDS[field]
-    with pytest.raises(StudyError, match=rf"^(<study>: )?{named}.*weights\.safetensors is not a valid \.safetensors file") as refused:
+    invalid = r"weights\.safetensors is not a valid \.safetensors file"
+    with pytest.raises(StudyError, match=rf"^(<study>: )?{named}.*{invalid}") as refused:
         parse_study(tiny_study(**overrides(str(weights))))
     assert "\n" not in str(refused.value)
 

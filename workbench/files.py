@@ -101,12 +101,17 @@ def run_folder_lock(run_dir: Path, wait_seconds: float | None = None):
 
 def output_error(run_dir: Path, error: OSError) -> StudyError | None:
     """One line for an OSError writing into `run_dir` (read-only, full, no permission); None otherwise."""
-    run_dir = Path(run_dir)
-    where = Path(error.filename) if error.filename else None
-    inside = where is not None and (where == run_dir or run_dir in where.parents or where in run_dir.parents)
-    if not inside:
+    if not error.filename:
         return None
-    what = "" if where == run_dir else f" {where.relative_to(run_dir) if run_dir in where.parents else where}"
+    folder, where = Path(os.path.abspath(run_dir)), Path(os.path.abspath(error.filename))
+    if where == folder:
+        what = ""
+    elif folder in where.parents:
+        what = f" {where.relative_to(folder)}"
+    elif where in folder.parents:  # could not create the folder itself
+        what = f" {where}"
+    else:
+        return None
     reason = error.strerror or str(error)
     return StudyError(f"{run_dir}: cannot write{what}: {reason}. Finished images stay on disk; make room or "
                       "choose a writable folder, then run the same study again")
