@@ -287,3 +287,22 @@ def test_a_second_run_waits_for_the_first_and_then_generates_nothing(tmp_path, t
     thread.join(60)
     assert time.monotonic() - start >= 0.4
     assert outcome["result"].generated == 2 and second.complete and second.generated == 0
+
+
+def test_a_folder_held_by_another_process_names_that_process(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setattr("workbench.files.LOCK_WAIT_SECONDS", 0.3)
+    run = tmp_path / "run"
+    hold = ("import sys; from pathlib import Path; from workbench.files import run_folder_lock\n"
+            f"with run_folder_lock(Path({str(run)!r})):\n    print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StudyError, match=rf"^{run} is in use by another run \(pid {holder.pid}\)"):
+            run_study(parse_study(tiny_study(seeds=[0])), run, show_progress_bar=False, score=False)
+    finally:
+        holder.communicate("", timeout=30)
+    assert not list(run.glob("images/*/*.png"))
