@@ -109,7 +109,10 @@ def load_pipeline_uncached(source: WeightSource | str, *, dtype: torch.dtype, de
             extra = {} if pipeline_class is StableDiffusionXLPipeline else {"safety_checker": None}
             pipe = pipeline_class.from_single_file(str(path), dtype=dtype, **extra)
         else:
-            pipe = DiffusionPipeline.from_pretrained(source.repo, revision=source.revision, dtype=dtype)
+            # A local folder was checked at parse time (pickles without a .safetensors twin refused);
+            # use_safetensors makes sure diffusers and transformers never fall back to one.
+            local_folder = {"use_safetensors": True} if source.is_local else {}
+            pipe = DiffusionPipeline.from_pretrained(source.repo, revision=source.revision, dtype=dtype, **local_folder)
     except (OSError, EnvironmentError, ValueError) as error:
         single_file = not isinstance(source, str) and source.local_file is not None
         if single_file and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):

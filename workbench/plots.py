@@ -217,7 +217,6 @@ def frontier_figure_with_x_menu(
 
 def write_frontier_html(figure: go.Figure, path: str | Path) -> Path:
     """A self-contained HTML file (plotly.js inlined, so it opens offline)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.write_html(path, include_plotlyjs=True, full_html=True)
-    return path
+    from .files import atomic_write
+
+    return atomic_write(path, lambda partial: figure.write_html(partial, include_plotlyjs=True, full_html=True))

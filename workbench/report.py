@@ -6,12 +6,14 @@ import json
 import math
 import platform
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 
+from .files import atomic_write
 from .grid import grid_layout, make_grid
 from .images import load_image
 from .weights import source_identity
@@ -49,7 +51,7 @@ def write_cells_csv(study, run_dir: Path, results, scores: pd.DataFrame | None =
             per_group.columns = list(per_group.columns)
             frame = frame.merge(per_group.reset_index(), on=GROUP_COLUMNS, how="left")
     elif path.exists() and len(frame):
-        previous = pd.read_csv(path)
+        previous = _read_previous_csv(path)
         extra = [c for c in previous.columns if c not in frame.columns]
         if extra and "key" in previous:
             frame = frame.merge(previous[["key", *extra]].drop_duplicates("key"), on="key", how="left")
@@ -61,9 +63,32 @@ GROUP_COLUMNS = ["prompt_index", "method", "weight"]  # a group metric's cell gr
 
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    partial = path.with_suffix(".csv.partial")
-    frame.to_csv(partial, index=False)
-    partial.replace(path)
+    atomic_write(path, lambda partial: frame.to_csv(partial, index=False))
+
+
+def _read_previous_csv(path: Path) -> pd.DataFrame:
+    """A previous output table, or an empty one when it is damaged (it is rewritten from the cells)."""
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        warnings.warn(f"{path} is damaged ({str(error).splitlines()[0]}); writing it anew")
+        return pd.DataFrame()
+
+
+def read_previous_json(path: Path) -> dict:
+    """A previous JSON output, or {} when it is missing or damaged (kept aside, hidden, as .NAME.damaged)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            return data
+    except (ValueError, UnicodeDecodeError):
+        pass
+    aside = path.with_name(f".{path.name}.damaged")
+    warnings.warn(f"{path} is damaged; kept as {aside.name} and written anew")
+    path.replace(aside)
+    return {}
 
 
 def _overview_cell_size(study) -> int | None:
@@ -115,7 +140,7 @@ def write_manifest(result, loaded, *, device_type: str, base_identity: dict) -> 
     `loaded` is None when every cell came from the cache (no model was loaded this time)."""
     study = result.study
     path = result.run_dir / "manifest.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous = read_previous_json(path)
     run = {
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": round(result.wall_seconds, 3),
         "generated": result.generated, "cells_on_disk": len(result.results), "stopped": result.stopped,
@@ -149,7 +174,7 @@ def write_manifest(result, loaded, *, device_type: str, base_identity: dict) -> 
         run["scoring"] = scoring_cost(result, previous.get("runs", []))
         run["scoring_seconds"] = run["scoring"]["seconds"]
         run["scoring_to_generation_ratio"] = run["scoring"]["ratio_per_image"]
-    path.write_text(strict_json(manifest))
+    atomic_write(path, strict_json(manifest))
     return manifest
 
 
@@ -222,7 +247,7 @@ def scoring_cost(result, earlier_runs: list) -> dict:
     from .scoring import SCORING_COST_FILE
 
     cost_path = result.run_dir / "scores" / SCORING_COST_FILE
-    embedded = json.loads(cost_path.read_text()).get("images_embedded") if cost_path.is_file() else None
+    embedded = read_previous_json(cost_path).get("images_embedded")
     generated = [(s.images, s.seconds) for s in result.stats.values()]
     for run in reversed(earlier_runs):
         if sum(images for images, _ in generated):
@@ -317,7 +342,5 @@ def write_run_outputs(result, loaded, *, device_type: str, base_identity: dict) 
         write_scores(result)
     if result.results:
         for name, image in grid_images(result):
-            path = result.run_dir / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path)
+            atomic_write(result.run_dir / name, lambda partial: image.save(partial, format="PNG"))
     write_manifest(result, loaded, device_type=device_type, base_identity=base_identity)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .files import atomic_write, output_error, remove_partials, run_folder_lock
 from .methods import attached
 from .methods.lora import BaseLoras
 from .models import LoadedBase, base_identity, load_base, make_scheduler, pick_device
@@ -122,6 +123,14 @@ def read_png_metadata(path: Path) -> dict:
     return json.loads(text) if text else {}
 
 
+def _png_metadata_or_none(path: Path) -> dict | None:
+    """A cached PNG's metadata, or None when the file is damaged (its cell is then generated again)."""
+    try:
+        return read_png_metadata(path)
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
 def _a1111_parameters(meta: dict) -> str:
     """The `parameters` text other tools (A1111, civitai) read from PNGs."""
     return (
@@ -164,7 +173,35 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (kB on Linux)
 
 
-def run_study(
+def run_study(study: Study, out_dir: str | Path, **options) -> RunResult:
+    """Generate every missing cell of `study` into `out_dir`; cells already on disk are reused.
+
+    `progress(event)` is called after each image (cached ones first), with the run so far. `should_stop()`
+    is polled at every denoising step: when it returns True the batch in flight is dropped and the
+    run returns with `stopped=True`. Finished images are on disk whatever happens, so running the
+    same study again generates only what is missing. Ctrl-C behaves like Stop, then re-raises.
+    `offload="model"` keeps the models in CPU RAM between uses, for smaller GPUs.
+
+    With `score`, every image is scored as its batch finishes (`result.scores`), with the metrics and
+    backbones of `scoring` (default: ScoringSpec.for_study). `generate=False` only (re)scores and
+    redraws what is on disk. Options: see `_run_locked`.
+
+    One run at a time per folder: a second waits for the first (files.LOCK_WAIT_SECONDS), then fails
+    with StudyError. A folder that cannot be written (read-only, full) is a StudyError naming it.
+    """
+    run_dir = Path(out_dir)
+    try:
+        with run_folder_lock(run_dir):
+            remove_partials(run_dir)
+            return _run_locked(study, run_dir, **options)
+    except OSError as error:
+        problem = output_error(run_dir, error)
+        if problem is None:
+            raise
+        raise problem from None
+
+
+def _run_locked(
     study: Study,
     out_dir: str | Path,
     *,
@@ -180,18 +217,7 @@ def run_study(
     scoring: ScoringSpec | None = None,
     generate: bool = True,
 ) -> RunResult:
-    """Generate every missing cell of `study` into `out_dir`; cells already on disk are reused.
-
-    `progress(event)` is called after each image (cached ones first), with the run so far. `should_stop()`
-    is polled at every denoising step: when it returns True the batch in flight is dropped and the
-    run returns with `stopped=True`. Finished images are on disk whatever happens, so running the
-    same study again generates only what is missing. Ctrl-C behaves like Stop, then re-raises.
-    `offload="model"` keeps the models in CPU RAM between uses, for smaller GPUs.
-
-    With `score`, every image is scored as its batch finishes (`result.scores`), with the metrics and
-    backbones of `scoring` (default: ScoringSpec.for_study). `generate=False` only (re)scores and
-    redraws what is on disk.
-    """
+    """run_study's work, with the run folder locked."""
     from . import report
 
     start = time.perf_counter()
@@ -224,12 +250,13 @@ def run_study(
     missing = []
     for cell in cells:
         found = on_disk.get(keys[cell][:16])
-        if found is None:
+        path = cell_path(cell)
+        meta = _png_metadata_or_none(path if path.exists() else found) if found else None
+        if meta is None:  # not on disk, or damaged: generate it (again)
             missing.append(cell)
             continue
-        path = cell_path(cell)
         if path.exists():
-            by_cell[cell] = describe(cell, path, float(read_png_metadata(path).get("seconds", 0.0)), False)
+            by_cell[cell] = describe(cell, path, float(meta.get("seconds", 0.0)), False)
         else:  # the same image under another cell (a neutral weight, a renamed method): its own copy
             by_cell[cell] = describe(cell, path, 0.0, False)
             _copy_png(found, by_cell[cell], study, run_dir)
@@ -443,7 +470,5 @@ def _write_png(image: Image.Image, path: Path, meta: dict) -> None:
     info = PngInfo()
     info.add_text(PNG_KEY, json.dumps(meta))
     info.add_text("parameters", _a1111_parameters(meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".png.partial")
-    image.save(partial, format="PNG", pnginfo=info)
-    partial.replace(path)  # a crash mid-write never leaves a PNG that looks cached
+    # Atomic: a crash mid-write never leaves a PNG that looks cached.
+    atomic_write(path, lambda partial: image.save(partial, format="PNG", pnginfo=info))

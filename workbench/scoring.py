@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +18,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from .files import atomic_write
 from .images import load_image
 
 DEFAULT_METRICS = ("clip_i", "clip_t", "dino", "diversity")
@@ -80,10 +82,16 @@ class RunScores:
     def _load_cache(self) -> dict[str, dict[str, torch.Tensor]]:
         if not self.cache_path.exists():
             return {}
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        try:
+            tensors = load_file(str(self.cache_path))
+        except (SafetensorError, OSError) as error:  # a damaged cache only costs embedding again
+            warnings.warn(f"{self.cache_path} is damaged ({error}); embedding the images again")
+            return {}
         cached: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensor in load_file(str(self.cache_path)).items():
+        for name, tensor in tensors.items():
             key, kind = name.split("/", 1)
             cached.setdefault(key, {})[kind] = tensor
         return cached
@@ -91,15 +99,12 @@ class RunScores:
     def save(self) -> None:
         from safetensors.torch import save_file
 
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         flat = {f"{key}/{kind}": tensor.contiguous().cpu() for key, kinds in self.embeddings.items()
                 for kind, tensor in kinds.items()}
-        partial = self.cache_path.with_suffix(".partial")
-        save_file(flat, str(partial))
-        partial.replace(self.cache_path)
+        atomic_write(self.cache_path, lambda partial: save_file(flat, str(partial)))
         # What this session's scoring cost, for the manifest (the run result carries only the seconds).
         cost = {"images_embedded": self.images_embedded, "seconds": round(self.seconds, 4)}
-        (self.cache_path.parent / SCORING_COST_FILE).write_text(json.dumps(cost))
+        atomic_write(self.cache_path.parent / SCORING_COST_FILE, json.dumps(cost))
 
     def add(self, results, images: list[Image.Image] | None = None) -> None:
         """Embed the images of `results` not embedded yet, in one batch per backbone."""

@@ -251,9 +251,9 @@ def normalize_reference(source: str | Path, folder: Path, field_name: str) -> Pa
     digest = hashlib.sha256(f"{image.size}".encode() + data).hexdigest()[:16]
     path = folder / f"{digest}.png"
     if not path.exists():
-        partial = path.with_suffix(".png.partial")
-        image.save(partial, format="PNG")
-        partial.replace(path)
+        from .files import atomic_write
+
+        atomic_write(path, lambda partial: image.save(partial, format="PNG"))
     return path
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 from .errors import StudyError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,72 @@ def refuse_pickle(name: str, field: str) -> None:
         )
 
 
+def check_safetensors(path: str | os.PathLike, field: str) -> None:
+    """Refuse a file that is not a well-formed .safetensors, reading only its header (never unpickling).
+
+    Checks the 8-byte little-endian header length, that the header is a JSON object, and that every
+    tensor's data lies inside the file, so a damaged, truncated or renamed file fails here, with the
+    field's name, instead of as a SafetensorError deep inside a loader.
+    """
+    path = Path(path)
+    reason = _safetensors_problem(path)
+    if reason:
+        raise StudyError(f"{field}: {path} is not a valid .safetensors file ({reason}); "
+                         "re-download or re-convert it")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if _looks_pickled(head):
+            return "it looks like a pickle or torch.save file renamed; refused unopened"
+        if len(head) < 8:
+            return f"{size} bytes, too short for a header"
+        (length,) = struct.unpack("<Q", head)
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            return f"invalid header length {length} for a file of {size} bytes"
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, ValueError):
+            return "the header is not JSON"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    data_bytes = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+            return f"tensor {name!r} lies outside the file's {data_bytes} data bytes: truncated?"
+    return None
+
+
+def _looks_pickled(head: bytes) -> bool:
+    """A zip (what torch.save writes) or a pickle of protocol 2 to 5, by its first bytes."""
+    return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def check_weight_folder(folder: str | os.PathLike, field: str) -> None:
+    """Check every .safetensors under `folder`, and refuse pickle weights that loaders would open.
+
+    diffusers and transformers open a pickle (`torch.load(weights_only=True)`) only when no
+    .safetensors sits beside it, so a pickle alone in its folder is refused unopened; one with a
+    .safetensors twin is left alone, as the loaders read the twin.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
+        if path.suffix == ".safetensors":
+            check_safetensors(path, field)
+        elif path.name.lower().endswith(PICKLE_SUFFIXES) and not any(path.parent.glob("*.safetensors")):
+            raise StudyError(
+                f"{field}: {folder} holds pickle weights ({path.relative_to(folder)}) with no .safetensors beside "
+                "them; loading would unpickle them, so the folder is refused unopened. Convert them to "
+                ".safetensors (e.g. save_pretrained(..., safe_serialization=True)) and point to that")
+
+
 def parse_weight_source(text: str, field: str, base_dir: Path | None = None) -> WeightSource:
     """Parse `repo[@revision][:path/in/repo]`, a local file, or a local folder.
 
@@ -55,6 +124,10 @@ def parse_weight_source(text: str, field: str, base_dir: Path | None = None) -> 
         refuse_pickle(local.name, field)
         if local.is_file() and local.suffix != ".safetensors":
             raise StudyError(f"{field}: {local} is not a .safetensors file")
+        if local.is_file():
+            check_safetensors(local, field)
+        else:
+            check_weight_folder(local, field)
         return WeightSource(str(local))
     repo, _, filename = text.partition(":")
     revision = None
@@ -66,6 +139,8 @@ def parse_weight_source(text: str, field: str, base_dir: Path | None = None) -> 
         if local_repo is not None:
             if not (local_repo / filename).is_file():
                 raise StudyError(f"{field}: {local_repo / filename} does not exist")
+            if filename.endswith(".safetensors"):
+                check_safetensors(local_repo / filename, field)
             return WeightSource(str(local_repo), filename)
     looks_local = text.startswith((".", "/", "~")) or text.endswith(".safetensors") and "/" not in repo
     if looks_local or repo.count("/") != 1:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -9,7 +10,7 @@ from . import register_method
 from .common import fill_prompt, source_identity, source_text, weight_source_option
 from ..errors import StudyError
 from ..images import load_image
-from ..weights import WeightSource, missing_model_message
+from ..weights import WeightSource, check_weight_folder, missing_model_message
 
 DEFAULT_ADAPTERS = {
     "sd15": WeightSource("h94/IP-Adapter", "models/ip-adapter_sd15.safetensors"),
@@ -72,6 +73,11 @@ class IPAdapter:
         adapter = options.get("adapter")
         source = None if adapter in (None, "default") else weight_source_option(
             adapter, "adapter", kind="ip_adapter", base=base, base_dir=base_dir, fail=fail)
+        if source is not None and source.is_local:
+            try:  # load_ip_adapter also loads the image_encoder/ beside a local adapter file
+                _check_image_encoder(source)
+            except StudyError as error:
+                raise fail(str(error)) from None
         block_scales = options.get("block_scales")
         if block_scales is not None:
             if not isinstance(block_scales, dict):
@@ -139,6 +145,15 @@ class _IPAdapterAttachment:
 
     def release(self):
         self.pipe.unload_ip_adapter()
+
+
+def _check_image_encoder(source: WeightSource) -> None:
+    if source.filename:
+        folder = Path(source.repo) / Path(source.filename).parent / "image_encoder"
+    else:
+        folder = Path(source.repo).parent / "image_encoder"
+    if folder.is_dir():
+        check_weight_folder(folder, "adapter")
 
 
 def _is_sdxl(pipe) -> bool:

@@ -9,7 +9,7 @@ from . import register_method
 from .common import fill_prompt, source_identity, source_text, weight_source_option
 from ..errors import StudyError
 from ..spec import TEXT_LIMITS
-from ..weights import missing_model_message
+from ..weights import check_safetensors, missing_model_message
 
 
 @register_method("textual_inversion")
@@ -76,6 +76,7 @@ class _TextualInversionAttachment:
                 raise StudyError(missing_model_message(source, "textual_inversion.embedding")) from None
         from safetensors.torch import load_file
 
+        check_safetensors(path, "textual_inversion.embedding")  # a hub download can be damaged too
         state = load_file(str(path))
         for index, (tokenizer, encoder) in enumerate(self.encoders):
             if len(self.encoders) == 2:
