@@ -116,6 +116,16 @@ def existing_images(run_dir: Path) -> dict[str, Path]:
     return found
 
 
+def _images_by_key(run_dir: Path) -> dict[str, list[Path]]:
+    """Every image file of a run folder, by the first 16 hex digits of its cache key."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted((run_dir / "images").glob("*/*.png")):
+        match = re.search(r"_([0-9a-f]{16})\.png$", path.name)
+        if match:
+            found.setdefault(match.group(1), []).append(path)
+    return found
+
+
 def read_png_metadata(path: Path) -> dict:
     with Image.open(path) as image:
         text = image.text.get(PNG_KEY) if hasattr(image, "text") else None
@@ -202,7 +212,7 @@ def run_study(
     identity = loaded.identity if loaded else base_identity(study.base)
     cells = study.cells()
     keys = {cell: source_key(study, cell, device=device_type, base_identity=identity) for cell in cells}
-    on_disk = existing_images(run_dir)
+    on_disk = _images_by_key(run_dir)
     result = RunResult(study, run_dir, [])
     by_cell: dict[Cell, CellResult] = {}
     total = len(cells)
@@ -222,17 +232,18 @@ def run_study(
         return run_dir / "images" / label / f"p{cell.prompt_index:02d}_w{cell.weight:g}_s{cell.seed}_{keys[cell][:16]}.png"
 
     missing = []
+    claimed = {cell_path(cell) for cell in cells}
     for cell in cells:
-        found = on_disk.get(keys[cell][:16])
-        if found is None:
+        copies = on_disk.get(keys[cell][:16])
+        if not copies:
             missing.append(cell)
             continue
         path = cell_path(cell)
         if path.exists():
             by_cell[cell] = describe(cell, path, float(read_png_metadata(path).get("seconds", 0.0)), False)
-        else:  # the same image under another cell (a neutral weight, a renamed method): its own copy
-            by_cell[cell] = describe(cell, path, 0.0, False)
-            _copy_png(found, by_cell[cell], study, run_dir)
+        else:  # the same image under another path (a neutral weight, a renamed method, a moved prompt)
+            by_cell[cell] = _adopt_png(copies, claimed, describe(cell, path, 0.0, False), study, run_dir)
+    _remove_stale_copies(on_disk, claimed, {keys[cell][:16] for cell in cells})
     # Cells with one key (the baseline and IP-Adapter@0) are generated once; the twins copy the image.
     first_with_key: dict[str, Cell] = {}
     twins: dict[Cell, list[Cell]] = {}
@@ -426,11 +437,58 @@ def _cell_meta(study: Study, result: CellResult, loaded: LoadedBase) -> dict:
     }
 
 
+def _retold_meta(meta: dict, cell: CellResult, study: Study) -> dict:
+    """`meta` of an image, retold for another cell with the same key (same image, other method/label/index)."""
+    return {**meta, "method": cell.method, "kind": cell.kind, "weight": cell.cell.weight, "prompt": cell.prompt,
+            "options": study.methods[cell.cell.method_index].method.options(), "key": cell.key, "study": study.name}
+
+
 def _twin_meta(meta: dict, twin: CellResult, study: Study, run_dir: Path, source: Path) -> dict:
-    """`meta` of an image, retold for another cell with the same key (same image, other method/label)."""
-    return {**meta, "method": twin.method, "kind": twin.kind, "weight": twin.cell.weight, "prompt": twin.prompt,
-            "options": study.methods[twin.cell.method_index].method.options(), "key": twin.key, "seconds": 0.0,
-            "same_image_as": str(source.relative_to(run_dir)), "study": study.name}
+    """`meta` of an image, retold for a twin cell that holds a copy of it."""
+    return {**_retold_meta(meta, twin, study), "seconds": 0.0, "same_image_as": str(source.relative_to(run_dir))}
+
+
+def _adopt_png(copies: list[Path], claimed: set[Path], cell: CellResult, study: Study, run_dir: Path) -> CellResult:
+    """Give `cell` its file of an image found under other paths (`copies`, updated in place).
+
+    A copy that no current cell names (left by a reordered prompt or a renamed method) is moved, so
+    the folder keeps one file per cell; otherwise the image is copied (a twin, such as IP-Adapter@0).
+    """
+    spare = next((path for path in copies if path not in claimed), None)
+    if spare is None:
+        _copy_png(copies[0], cell, study, run_dir)
+    else:
+        meta = read_png_metadata(spare)
+        retold = _retold_meta(meta, cell, study)
+        if "same_image_as" in meta:  # it was a twin's copy: point at a copy that stays
+            others = [path for path in copies if path != spare]
+            retold.pop("same_image_as")
+            if others:
+                retold["same_image_as"] = str(others[0].relative_to(run_dir))
+        cell.image_path.parent.mkdir(parents=True, exist_ok=True)
+        if retold == meta:
+            spare.replace(cell.image_path)
+        else:
+            with Image.open(spare) as image:
+                image.load()
+                _write_png(image, cell.image_path, retold)
+            spare.unlink()
+        copies.remove(spare)
+        cell.seconds = float(meta.get("seconds", 0.0))
+    copies.append(cell.image_path)
+    return cell
+
+
+def _remove_stale_copies(on_disk: dict[str, list[Path]], claimed: set[Path], current_keys: set[str]) -> None:
+    """Delete the files no current cell names whose image a current cell holds in its own file.
+
+    Images of cells the study no longer has (a dropped method or weight) stay: they are the cache
+    when those cells come back.
+    """
+    for key in current_keys:
+        for path in [p for p in on_disk.get(key, []) if p not in claimed]:
+            path.unlink(missing_ok=True)
+            on_disk[key].remove(path)
 
 
 def _copy_png(source: Path, twin: CellResult, study: Study, run_dir: Path) -> None:
