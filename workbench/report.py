@@ -48,7 +48,7 @@ def write_cells_csv(study, run_dir: Path, results, scores: pd.DataFrame | None =
             per_group.columns = list(per_group.columns)
             frame = frame.merge(per_group.reset_index(), on=GROUP_COLUMNS, how="left")
     elif path.exists() and len(frame):
-        previous = pd.read_csv(path)
+        previous = read_csv(path)
         extra = [c for c in previous.columns if c not in frame.columns]
         if extra and "key" in previous:
             frame = frame.merge(previous[["key", *extra]].drop_duplicates("key"), on="key", how="left")
@@ -59,10 +59,38 @@ def write_cells_csv(study, run_dir: Path, results, scores: pd.DataFrame | None =
 GROUP_COLUMNS = ["prompt_index", "method", "weight"]  # a group metric's cell group: the seeds of one cell
 
 
+# Text a spreadsheet would run as a formula (OWASP CSV injection); a leading ' escapes it, and is
+# itself escaped (doubled) so that `read_csv` gives every text back exactly.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def _escape_text(value):
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def _unescape_text(value):
+    return value[1:] if isinstance(value, str) and value.startswith("'") else value
+
+
+def _text_columns(frame: pd.DataFrame) -> list:
+    return [c for c in frame.columns if pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c])]
+
+
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Write `frame` to `path` (temp file + rename) with text cells escaped; numbers are written as numbers."""
+    text = _text_columns(frame)
+    if text:
+        frame = frame.assign(**{c: frame[c].map(_escape_text) for c in text})
     partial = path.with_suffix(".csv.partial")
     frame.to_csv(partial, index=False)
     partial.replace(path)
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """A CSV of a run folder, with the text `_atomic_csv` escaped given back as written."""
+    frame = pd.read_csv(path)
+    text = _text_columns(frame)
+    return frame.assign(**{c: frame[c].map(_unescape_text) for c in text}) if text else frame
 
 
 def _overview_cell_size(study) -> int | None:
