@@ -234,11 +234,14 @@ LONG_PROMPT = " ".join(["a very detailed photo of a {subject} {class}"] + [f"wor
 
 
 def test_a_prompt_longer_than_77_tokens_is_flagged_in_cells_csv_and_the_result(tmp_path, tiny_base):
+    from workbench.prompts import truncation_note
+
     study = parse_study(tiny_study(seeds=[0], prompts=["a photo of a {subject} {class}", LONG_PROMPT]))
     result = run_study(study, tmp_path, loaded=tiny_base, show_progress_bar=False, score=False)
     cells = pd.read_csv(tmp_path / "cells.csv")
     assert cells["prompt_truncated"].tolist() == [False, True]
     assert result.truncated_prompts == [1]
+    assert truncation_note(result.truncated_prompts).startswith("Prompt 2 is longer than the 77 tokens CLIP reads")
 
 
 def test_the_cli_warns_once_per_prompt_longer_than_77_tokens(tmp_path, capsys):

@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 from .methods import attached
 from .methods.lora import BaseLoras
 from .models import LoadedBase, base_identity, load_base, make_scheduler, pick_device
+from .prompts import cell_truncated, long_texts
 from .scoring import RunScores, ScoringSpec, load_scorer
 from .spec import Cell, Study, source_key
 
@@ -40,6 +41,7 @@ class CellResult:
     image_path: Path
     seconds: float
     generated: bool  # False: found in the cache
+    prompt_truncated: bool = False  # the prompt (or its CLIP-T text) is longer than the text encoder reads
 
     def record(self, study: Study, run_dir: Path) -> dict:
         return {
@@ -47,7 +49,7 @@ class CellResult:
             "scoring_prompt": study.scoring_prompt(self.cell.template),
             "method": self.method, "kind": self.kind, "weight": self.cell.weight, "seed": self.cell.seed,
             "column": self.column, "image": str(self.image_path.relative_to(run_dir)),
-            "seconds": round(self.seconds, 4), "key": self.key,
+            "seconds": round(self.seconds, 4), "key": self.key, "prompt_truncated": self.prompt_truncated,
         }
 
 
@@ -70,6 +72,7 @@ class RunResult:
     scores: "pd.DataFrame | None" = None  # long: prompt_index, prompt, method, weight, seed, key, metric, value
     provenance: dict = field(default_factory=dict)  # metric -> axis, direction, backbone, scale
     scoring_seconds: float = 0.0
+    truncated_prompts: list[int] = field(default_factory=list)  # indices of prompts cut at the token limit
 
     def summary(self, x: str = "dino", y: str = "clip_t") -> "pd.DataFrame | None":
         """One row per method@weight with mean/std/n of each metric and `on_pareto_front` (x vs y)."""
@@ -216,11 +219,14 @@ def run_study(
     result = RunResult(study, run_dir, [])
     by_cell: dict[Cell, CellResult] = {}
     total = len(cells)
+    long = long_texts(study, loaded.pipe.tokenizer if loaded else None)
+    truncated = {cell for cell in cells if cell_truncated(study, cell, long)}
+    result.truncated_prompts = sorted({cell.prompt_index for cell in truncated})
 
     def describe(cell: Cell, path: Path, seconds: float, generated: bool) -> CellResult:
         spec = study.methods[cell.method_index]
         return CellResult(cell, keys[cell], study.render_prompt(cell), spec.label, spec.method.kind,
-                          spec.column(cell.weight), path, seconds, generated)
+                          spec.column(cell.weight), path, seconds, generated, cell in truncated)
 
     run_scores = None
     if score:

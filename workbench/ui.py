@@ -1196,6 +1196,10 @@ class Workbench:
         else:
             text, state = (f"Done: {total} cells ({result.generated} generated, {cached} cached) in "
                            f"{time.perf_counter() - start:.1f} s → {run_dir.name}/"), "done"
+        if result.truncated_prompts:
+            from .prompts import truncation_note
+
+            text += " " + truncation_note(result.truncated_prompts)
         views = disk_views(run_dir, x)
         pick = picked if picked in views.columns else views.suggested or next(iter(views.columns), None)
         yield {**self.render(views, progress_html(len(result.results), total, text, state)),
