@@ -188,6 +188,8 @@ def column_definitions(x: str | None, y: str | None) -> dict:
         "cells.csv": {
             "<metric>": "per-image metrics: the image's value; diversity: the value of the image's seed group "
                         "(prompt x method x weight), repeated on each image of the group",
+            "prompt_truncated": "True where the cell's prompt (or its CLIP-T text) is longer than the 77 tokens "
+                                "the CLIP text encoder reads: the rest was ignored",
         },
         "summary.csv": {
             "rows": "one per method@weight, pooling every prompt and seed",
