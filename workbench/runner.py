@@ -109,18 +109,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "method"
 
 
-def existing_images(run_dir: Path) -> dict[str, Path]:
-    """Cached images of a run folder by cache key (the key's first 16 hex digits end each file name)."""
-    found = {}
-    for path in (run_dir / "images").glob("*/*.png"):
-        match = re.search(r"_([0-9a-f]{16})\.png$", path.name)
-        if match:
-            found[match.group(1)] = path
-    return found
-
-
-def _images_by_key(run_dir: Path) -> dict[str, list[Path]]:
-    """Every image file of a run folder, by the first 16 hex digits of its cache key."""
+def images_by_key(run_dir: Path) -> dict[str, list[Path]]:
+    """Every image file of a run folder, by cache key (the key's first 16 hex digits end each file name)."""
     found: dict[str, list[Path]] = {}
     for path in sorted((run_dir / "images").glob("*/*.png")):
         match = re.search(r"_([0-9a-f]{16})\.png$", path.name)
@@ -215,7 +205,7 @@ def run_study(
     identity = loaded.identity if loaded else base_identity(study.base)
     cells = study.cells()
     keys = {cell: source_key(study, cell, device=device_type, base_identity=identity) for cell in cells}
-    on_disk = _images_by_key(run_dir)
+    on_disk = images_by_key(run_dir)
     result = RunResult(study, run_dir, [])
     by_cell: dict[Cell, CellResult] = {}
     total = len(cells)
