@@ -366,3 +366,14 @@ def test_run_endpoint_scripts_a_study_with_gradio_client(tmp_path):
             client.predict(yaml.safe_dump(tiny_study(seeds=["x"])), None, api_name="/run")
     finally:
         demo.close()
+
+
+def test_the_app_shows_a_label_that_starts_a_formula_as_written(tmp_path, tiny_base):
+    study = parse_study(tiny_study(methods=[{"kind": "baseline", "label": "-base"},
+                                            {"kind": "lora", "path": "tiny", "weights": [1.0], "label": "=lora"}]))
+    run_study(study, tmp_path, loaded=tiny_base, show_progress_bar=False)
+    assert set(ui._read_cells(tmp_path)["method"]) == {"-base", "=lora"}
+    views = ui.disk_views(tmp_path, "dino")
+    assert set(views.columns) == {"-base", "=lora@1"}
+    assert views.table["method@weight"].tolist() == ["-base", "=lora@1"]
+    assert ui.column_detail(tmp_path, "=lora@1")[0]

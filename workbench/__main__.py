@@ -14,6 +14,7 @@ def _run(args) -> int:
 
     study = load_study(args.preset, max_cells=args.max_cells)
     out = Path(args.out or Path("runs") / study.name)
+    _warn_long_prompts(study)
     result = run_study(study, out, batch_size=args.batch_size, device=args.device, offload=args.offload,
                        score=not args.no_score, scoring=_scoring(study, args))
     cached = len(result.results) - result.generated
@@ -24,6 +25,13 @@ def _run(args) -> int:
         print("stopped: run the same command again to generate the missing cells", file=sys.stderr)
         return 130
     return 0
+
+
+def _warn_long_prompts(study) -> None:
+    from .prompts import truncation_warnings
+
+    for line in truncation_warnings(study):
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def _scoring(study, args):

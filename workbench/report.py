@@ -62,14 +62,35 @@ def write_cells_csv(study, run_dir: Path, results, scores: pd.DataFrame | None =
 GROUP_COLUMNS = ["prompt_index", "method", "weight"]  # a group metric's cell group: the seeds of one cell
 
 
+# Text a spreadsheet would run as a formula (OWASP CSV injection); a leading ' escapes it, and is
+# itself escaped (doubled) so that `read_csv` gives every text back exactly.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def _escape_text(value):
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def _unescape_text(value):
+    return value[1:] if isinstance(value, str) and value.startswith("'") else value
+
+
+def _text_columns(frame: pd.DataFrame) -> list:
+    return [c for c in frame.columns if pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c])]
+
+
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Write `frame` to `path` atomically with text cells escaped; numbers are written as numbers."""
+    text = _text_columns(frame)
+    if text:
+        frame = frame.assign(**{c: frame[c].map(_escape_text) for c in text})
     atomic_write(path, lambda partial: frame.to_csv(partial, index=False))
 
 
 def _read_previous_csv(path: Path) -> pd.DataFrame:
     """A previous output table, or an empty one when it is damaged (it is rewritten from the cells)."""
     try:
-        return pd.read_csv(path)
+        return read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         warnings.warn(f"{path} is damaged ({str(error).splitlines()[0]}); writing it anew")
         return pd.DataFrame()
@@ -89,6 +110,13 @@ def read_previous_json(path: Path) -> dict:
     warnings.warn(f"{path} is damaged; kept as {aside.name} and written anew")
     path.replace(aside)
     return {}
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """A CSV of a run folder, with the text `_atomic_csv` escaped given back as written."""
+    frame = pd.read_csv(path)
+    text = _text_columns(frame)
+    return frame.assign(**{c: frame[c].map(_unescape_text) for c in text}) if text else frame
 
 
 def _overview_cell_size(study) -> int | None:
@@ -200,6 +228,8 @@ def column_definitions(x: str | None, y: str | None) -> dict:
         "cells.csv": {
             "<metric>": "per-image metrics: the image's value; diversity: the value of the image's seed group "
                         "(prompt x method x weight), repeated on each image of the group",
+            "prompt_truncated": "True where the cell's prompt (or its CLIP-T text) is longer than the 77 tokens "
+                                "the CLIP text encoder reads: the rest was ignored",
         },
         "summary.csv": {
             "rows": "one per method@weight: means and stds pool every prompt and seed (so the std holds the "

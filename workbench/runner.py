@@ -24,6 +24,7 @@ from .files import atomic_write, output_error, remove_partials, run_folder_lock
 from .methods import attached
 from .methods.lora import BaseLoras
 from .models import LoadedBase, base_identity, load_base, make_scheduler, pick_device
+from .prompts import cell_truncated, long_texts
 from .scoring import RunScores, ScoringSpec, load_scorer
 from .spec import Cell, Study, source_key
 
@@ -41,6 +42,7 @@ class CellResult:
     image_path: Path
     seconds: float
     generated: bool  # False: found in the cache
+    prompt_truncated: bool = False  # the prompt (or its CLIP-T text) is longer than the text encoder reads
 
     def record(self, study: Study, run_dir: Path) -> dict:
         return {
@@ -48,7 +50,7 @@ class CellResult:
             "scoring_prompt": study.scoring_prompt(self.cell.template),
             "method": self.method, "kind": self.kind, "weight": self.cell.weight, "seed": self.cell.seed,
             "column": self.column, "image": str(self.image_path.relative_to(run_dir)),
-            "seconds": round(self.seconds, 4), "key": self.key,
+            "seconds": round(self.seconds, 4), "key": self.key, "prompt_truncated": self.prompt_truncated,
         }
 
 
@@ -71,6 +73,7 @@ class RunResult:
     scores: "pd.DataFrame | None" = None  # long: prompt_index, prompt, method, kind, weight, seed, key, metric, value
     provenance: dict = field(default_factory=dict)  # metric -> axis, direction, backbone, scale
     scoring_seconds: float = 0.0
+    truncated_prompts: list[int] = field(default_factory=list)  # indices of prompts cut at the token limit
 
     def summary(self, x: str = "dino", y: str = "clip_t") -> "pd.DataFrame | None":
         """One row per method@weight with mean/std/n of each metric and `on_pareto_front` (x vs y)."""
@@ -107,13 +110,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "method"
 
 
-def existing_images(run_dir: Path) -> dict[str, Path]:
-    """Cached images of a run folder by cache key (the key's first 16 hex digits end each file name)."""
-    found = {}
-    for path in (run_dir / "images").glob("*/*.png"):
+def images_by_key(run_dir: Path) -> dict[str, list[Path]]:
+    """Every image file of a run folder, by cache key (the key's first 16 hex digits end each file name)."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted((run_dir / "images").glob("*/*.png")):
         match = re.search(r"_([0-9a-f]{16})\.png$", path.name)
         if match:
-            found[match.group(1)] = path
+            found.setdefault(match.group(1), []).append(path)
     return found
 
 
@@ -228,15 +231,18 @@ def _run_locked(
     identity = loaded.identity if loaded else base_identity(study.base)
     cells = study.cells()
     keys = {cell: source_key(study, cell, device=device_type, base_identity=identity) for cell in cells}
-    on_disk = existing_images(run_dir)
+    on_disk = images_by_key(run_dir)
     result = RunResult(study, run_dir, [])
     by_cell: dict[Cell, CellResult] = {}
     total = len(cells)
+    long = long_texts(study, loaded.pipe.tokenizer if loaded else None)
+    truncated = {cell for cell in cells if cell_truncated(study, cell, long)}
+    result.truncated_prompts = sorted({cell.prompt_index for cell in truncated})
 
     def describe(cell: Cell, path: Path, seconds: float, generated: bool) -> CellResult:
         spec = study.methods[cell.method_index]
         return CellResult(cell, keys[cell], study.render_prompt(cell), spec.label, spec.method.kind,
-                          spec.column(cell.weight), path, seconds, generated)
+                          spec.column(cell.weight), path, seconds, generated, cell in truncated)
 
     run_scores = None
     if score:
@@ -248,18 +254,26 @@ def _run_locked(
         return run_dir / "images" / label / f"p{cell.prompt_index:02d}_w{cell.weight:g}_s{cell.seed}_{keys[cell][:16]}.png"
 
     missing = []
+    claimed = {cell_path(cell) for cell in cells}
+    metadata: dict[Path, dict | None] = {}  # a damaged PNG reads as None: its cell is generated again
+
+    def readable(path: Path) -> bool:
+        if path not in metadata:
+            metadata[path] = _png_metadata_or_none(path)
+        return metadata[path] is not None
+
     for cell in cells:
-        found = on_disk.get(keys[cell][:16])
-        path = cell_path(cell)
-        meta = _png_metadata_or_none(path if path.exists() else found) if found else None
-        if meta is None:  # not on disk, or damaged: generate it (again)
+        key = keys[cell][:16]
+        copies = on_disk[key] = [p for p in on_disk.get(key, []) if readable(p)]
+        if not copies:
             missing.append(cell)
             continue
-        if path.exists():
-            by_cell[cell] = describe(cell, path, float(meta.get("seconds", 0.0)), False)
-        else:  # the same image under another cell (a neutral weight, a renamed method): its own copy
-            by_cell[cell] = describe(cell, path, 0.0, False)
-            _copy_png(found, by_cell[cell], study, run_dir)
+        path = cell_path(cell)
+        if path in copies:
+            by_cell[cell] = describe(cell, path, float(metadata[path].get("seconds", 0.0)), False)
+        else:  # the same image under another path (a neutral weight, a renamed method, a moved prompt)
+            by_cell[cell] = _adopt_png(copies, claimed, describe(cell, path, 0.0, False), study, run_dir)
+    _remove_stale_copies(on_disk, claimed, {keys[cell][:16] for cell in cells})
     # Cells with one key (the baseline and IP-Adapter@0) are generated once; the twins copy the image.
     first_with_key: dict[str, Cell] = {}
     twins: dict[Cell, list[Cell]] = {}
@@ -453,11 +467,58 @@ def _cell_meta(study: Study, result: CellResult, loaded: LoadedBase) -> dict:
     }
 
 
+def _retold_meta(meta: dict, cell: CellResult, study: Study) -> dict:
+    """`meta` of an image, retold for another cell with the same key (same image, other method/label/index)."""
+    return {**meta, "method": cell.method, "kind": cell.kind, "weight": cell.cell.weight, "prompt": cell.prompt,
+            "options": study.methods[cell.cell.method_index].method.options(), "key": cell.key, "study": study.name}
+
+
 def _twin_meta(meta: dict, twin: CellResult, study: Study, run_dir: Path, source: Path) -> dict:
-    """`meta` of an image, retold for another cell with the same key (same image, other method/label)."""
-    return {**meta, "method": twin.method, "kind": twin.kind, "weight": twin.cell.weight, "prompt": twin.prompt,
-            "options": study.methods[twin.cell.method_index].method.options(), "key": twin.key, "seconds": 0.0,
-            "same_image_as": str(source.relative_to(run_dir)), "study": study.name}
+    """`meta` of an image, retold for a twin cell that holds a copy of it."""
+    return {**_retold_meta(meta, twin, study), "seconds": 0.0, "same_image_as": str(source.relative_to(run_dir))}
+
+
+def _adopt_png(copies: list[Path], claimed: set[Path], cell: CellResult, study: Study, run_dir: Path) -> CellResult:
+    """Give `cell` its file of an image found under other paths (`copies`, updated in place).
+
+    A copy that no current cell names (left by a reordered prompt or a renamed method) is moved, so
+    the folder keeps one file per cell; otherwise the image is copied (a twin, such as IP-Adapter@0).
+    """
+    spare = next((path for path in copies if path not in claimed), None)
+    if spare is None:
+        _copy_png(copies[0], cell, study, run_dir)
+    else:
+        meta = read_png_metadata(spare)
+        retold = _retold_meta(meta, cell, study)
+        if "same_image_as" in meta:  # it was a twin's copy: point at a copy that stays
+            others = [path for path in copies if path != spare]
+            retold.pop("same_image_as")
+            if others:
+                retold["same_image_as"] = str(others[0].relative_to(run_dir))
+        cell.image_path.parent.mkdir(parents=True, exist_ok=True)
+        if retold == meta:
+            spare.replace(cell.image_path)
+        else:
+            with Image.open(spare) as image:
+                image.load()
+                _write_png(image, cell.image_path, retold)
+            spare.unlink()
+        copies.remove(spare)
+        cell.seconds = float(meta.get("seconds", 0.0))
+    copies.append(cell.image_path)
+    return cell
+
+
+def _remove_stale_copies(on_disk: dict[str, list[Path]], claimed: set[Path], current_keys: set[str]) -> None:
+    """Delete the files no current cell names whose image a current cell holds in its own file.
+
+    Images of cells the study no longer has (a dropped method or weight) stay: they are the cache
+    when those cells come back.
+    """
+    for key in current_keys:
+        for path in [p for p in on_disk.get(key, []) if p not in claimed]:
+            path.unlink(missing_ok=True)
+            on_disk[key].remove(path)
 
 
 def _copy_png(source: Path, twin: CellResult, study: Study, run_dir: Path) -> None:

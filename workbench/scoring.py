@@ -20,6 +20,7 @@ from PIL import Image
 
 from .files import atomic_write
 from .images import load_image
+from .spec import Cell
 
 DEFAULT_METRICS = ("clip_i", "clip_t", "dino", "diversity")
 SCORING_COST_FILE = "scoring_cost.json"  # in RUN_DIR/scores: images embedded and seconds of the last scoring
@@ -48,9 +49,17 @@ class ScoringSpec:
         return cls(metrics, (clip_model, "openai"), "facebook/dino-vits16")
 
 
-@lru_cache(maxsize=2)
 def load_scorer(spec: ScoringSpec, device: str | None = None):
-    """A Scorer with its backbones loaded once (kept while the app or process lives)."""
+    """A Scorer with its backbones loaded once (kept while the app or process lives, and while local
+    backbone weights keep their content)."""
+    from .metrics.backbones import local_weights_identity
+
+    local = (local_weights_identity("clip", *spec.clip), local_weights_identity("dino", spec.dino))
+    return _load_scorer(spec, device, local)
+
+
+@lru_cache(maxsize=2)
+def _load_scorer(spec: ScoringSpec, device: str | None, local_weights: tuple):
     from .errors import StudyError
     from .metrics.scorer import Scorer
 
@@ -65,17 +74,22 @@ def load_scorer(spec: ScoringSpec, device: str | None = None):
             "or pass --no-score") from None
 
 
+load_scorer.cache_clear = _load_scorer.cache_clear
+
+
 class RunScores:
     """Embeddings and scores of the images of one run folder."""
 
     def __init__(self, scorer, study, run_dir: Path):
         self.scorer, self.study, self.run_dir = scorer, study, Path(run_dir)
-        fingerprint = hashlib.sha256(json.dumps(scorer.provenance(), sort_keys=True).encode()).hexdigest()[:12]
+        # Named by the backbones' weights, not their names: new weights at the same path get a new cache.
+        made_by = {"provenance": scorer.provenance(), "weights": scorer.identity()}
+        fingerprint = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:12]
         self.cache_path = self.run_dir / "scores" / f"embeddings-{fingerprint}.safetensors"
         self.embeddings: dict[str, dict[str, torch.Tensor]] = self._load_cache()
         references = [load_image(p, "subject.reference_images") for p in study.subject.reference_images]
         self.references = scorer.embed_references(references)
-        self.records: dict[tuple[str, str], dict] = {}  # (method, key) -> cell description
+        self.records: dict[Cell, dict] = {}  # one row per cell: twins share an image (and its embedding), not a row
         self.seconds = 0.0  # time spent embedding generated images (backbone loading and references excluded)
         self.images_embedded = 0  # images embedded by this object (embedding-cache hits are not counted)
 
@@ -110,8 +124,7 @@ class RunScores:
         """Embed the images of `results` not embedded yet, in one batch per backbone."""
         start = time.perf_counter()
         for result in results:
-            # By method and key: the baseline and IP-Adapter@0 share a key (one image), not a row.
-            self.records[(result.method, result.key)] = {
+            self.records[result.cell] = {
                 "prompt_index": result.cell.prompt_index, "prompt": self.study.scoring_prompt(result.cell.template),
                 "method": result.method, "kind": result.kind, "weight": result.cell.weight, "seed": result.cell.seed,
                 "key": result.key,
@@ -119,7 +132,7 @@ class RunScores:
         todo = list({r.key: (i, r) for i, r in enumerate(results) if r.key not in self.embeddings}.values())
         if todo:
             pictures = [images[i] if images is not None else Image.open(r.image_path).convert("RGB") for i, r in todo]
-            prompts = [self.records[(r.method, r.key)]["prompt"] for _, r in todo]
+            prompts = [self.records[r.cell]["prompt"] for _, r in todo]
             embedded = self.scorer.embed_images(pictures, prompts)
             for row, (_, result) in enumerate(todo):
                 self.embeddings[result.key] = {kind: rows[row].cpu() for kind, rows in embedded.items()}
@@ -130,7 +143,7 @@ class RunScores:
         """The long score table of every added image, plus one row per group for group metrics."""
         if not self.records:
             return pd.DataFrame(columns=SCORE_COLUMNS)
-        keys = [key for _, key in self.records]
+        keys = [record["key"] for record in self.records.values()]
         cells = pd.DataFrame(list(self.records.values()))
         stacked = {kind: torch.stack([self.embeddings[k][kind] for k in keys])
                    for kind in self.embeddings[keys[0]]}

@@ -36,7 +36,7 @@ from .export import reference_images, saved_study, stored_studies, unzip_run, zi
 from .frontier import metric_label, summarize
 from .images import MAX_IMAGE_PIXELS, load_image
 from .paths import inside
-from .report import grid_column_at, grid_images
+from .report import grid_column_at, grid_images, read_csv
 from .runner import RunResult
 from .safe_yaml import MAX_MANIFEST_BYTES, MAX_STUDY_BYTES, load_yaml, read_study_file
 from .spec import DTYPES, MAX_SIDE, SCHEDULERS, parse_study
@@ -515,7 +515,7 @@ def _read_cells(run_dir: Path) -> pd.DataFrame | None:
     if not path.is_file() or path.stat().st_size == 0:
         return None
     try:
-        return pd.read_csv(path)
+        return read_csv(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError):
         return None
 
@@ -528,7 +528,7 @@ def disk_views(run_dir: Path, x: str) -> Views:
     columns = {}
     if cells is not None:
         columns = {(m, float(w)): c for m, w, c in zip(cells["method"], cells["weight"], cells["column"])}
-    scores = pd.read_csv(run_dir / "scores.csv") if (run_dir / "scores.csv").is_file() else None
+    scores = read_csv(run_dir / "scores.csv") if (run_dir / "scores.csv").is_file() else None
     manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
     views = score_views(scores, manifest.get("metrics", {}), columns, x)
     if (run_dir / "grid.png").is_file():
@@ -1298,6 +1298,10 @@ class Workbench:
         else:
             text, state = (f"Done: {total} cells ({result.generated} generated, {cached} cached) in "
                            f"{time.perf_counter() - start:.1f} s → {run_dir.name}/"), "done"
+        if result.truncated_prompts:
+            from .prompts import truncation_note
+
+            text += " " + truncation_note(result.truncated_prompts)
         views = disk_views(run_dir, x)
         pick = picked if picked in views.columns else views.suggested or next(iter(views.columns), None)
         yield {**self.render(views, progress_html(len(result.results), total, text, state)),
@@ -1374,7 +1378,7 @@ class Workbench:
             raise StudyError("the study produced no images")
         summary = run_dir / "summary.csv"  # numbers, not display strings: this is for scripts
         yield ([(image, name) for name, image in grid_images(last)],
-               pd.read_csv(summary) if summary.is_file() else None, disk_views(run_dir, "dino").figure)
+               read_csv(summary) if summary.is_file() else None, disk_views(run_dir, "dino").figure)
 
 
 def _yaml(data: dict) -> str:

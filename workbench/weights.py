@@ -177,6 +177,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
 
 
+def tree_sha256(root: str | os.PathLike) -> str:
+    """sha256 over every file under `root` (relative names and contents; hidden folders skipped)."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts[:-1]):
+            continue
+        digest.update(relative.as_posix().encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
 def source_identity(source: WeightSource) -> dict:
     """What identifies the bytes behind a source: sha256 for local files, id@revision for hub ones."""
     if source.is_local:

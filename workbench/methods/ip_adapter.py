@@ -10,7 +10,7 @@ from . import register_method
 from .common import fill_prompt, source_identity, source_text, weight_source_option
 from ..errors import StudyError
 from ..images import load_image
-from ..weights import WeightSource, check_weight_folder, missing_model_message
+from ..weights import WeightSource, check_weight_folder, missing_model_message, resolved_revision, tree_sha256
 
 DEFAULT_ADAPTERS = {
     "sd15": WeightSource("h94/IP-Adapter", "models/ip-adapter_sd15.safetensors"),
@@ -97,6 +97,7 @@ class IPAdapter:
 
     def identity(self):
         return {"kind": "ip_adapter", "adapter": source_identity(self.adapter) if self.adapter else "default",
+                "image_encoder": image_encoder_identity(self.adapter),
                 "block_scales": _thaw(self.block_scales) if self.block_scales else None}
 
     def neutral(self, weight):
@@ -107,17 +108,38 @@ class IPAdapter:
         return _IPAdapterAttachment(self, pipe, study)
 
 
+def _load_arguments(source: WeightSource) -> tuple[str, str, str]:
+    """(repo, subfolder, weight_name) for diffusers' `load_ip_adapter`."""
+    folder, weight_name = os.path.split(source.filename or "")
+    if not weight_name:  # a local file given directly
+        repo, weight_name = os.path.split(source.repo)
+        return repo, "", weight_name
+    return source.repo, folder, weight_name
+
+
+def image_encoder_identity(adapter: WeightSource | None) -> dict:
+    """The image encoder `load_ip_adapter` loads with `adapter`: `image_encoder/` in the adapter's folder.
+
+    diffusers loads it without the adapter's revision, so a hub encoder is the repo's main commit.
+    """
+    if adapter is None:  # the default adapter: SD1.5 or SDXL, whichever the pipeline is
+        default = DEFAULT_ADAPTERS["sd15"]
+        subfolders = sorted(f"{os.path.dirname(s.filename)}/image_encoder" for s in DEFAULT_ADAPTERS.values())
+        return {"hub": default.repo, "subfolders": subfolders, "revision": resolved_revision(WeightSource(default.repo))}
+    repo, subfolder, _ = _load_arguments(adapter)
+    encoder = Path(subfolder, "image_encoder").as_posix()  # as diffusers joins them
+    if adapter.is_local:
+        folder = Path(repo, encoder)
+        return {"local": str(folder), "sha256": tree_sha256(folder) if folder.is_dir() else None}
+    return {"hub": repo, "subfolder": encoder, "revision": resolved_revision(WeightSource(repo))}
+
+
 class _IPAdapterAttachment:
     def __init__(self, method: IPAdapter, pipe, study):
         self.pipe = pipe
         self.block_scales = _thaw(method.block_scales) if method.block_scales else None
         source = method.adapter or DEFAULT_ADAPTERS["sdxl" if _is_sdxl(pipe) else "sd15"]
-        folder, weight_name = os.path.split(source.filename or "")
-        if not weight_name:  # a local file given directly
-            folder, weight_name = os.path.split(source.repo)
-            repo, subfolder = folder, ""
-        else:
-            repo, subfolder = source.repo, folder
+        repo, subfolder, weight_name = _load_arguments(source)
         try:
             pipe.load_ip_adapter(repo, subfolder=subfolder, weight_name=weight_name, revision=source.revision)
         except (OSError, EnvironmentError) as error:

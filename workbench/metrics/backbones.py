@@ -46,6 +46,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class ImageBackbone(Protocol):
     description: str  # what produced the numbers, shown as provenance ("open_clip ViT-B-32 openai")
+    identity: str  # which weights: "sha256:..." (local), "repo@commit" (hub), "tiny-dino-v2" (tiny)
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor: ...
 
@@ -128,6 +129,48 @@ def _unloadable(what: str, offline_choice: str, error: Exception) -> str:
     )
 
 
+def local_weights_identity(kind: str, name: str, pretrained: str | None = None) -> str | None:
+    """'sha256:...' of a backbone's local weight file or folder; None for hub and tiny weights.
+
+    Cheap after the first call (hashes are cached by size and mtime), so it can key caches.
+    """
+    where = pretrained if kind == "clip" else name  # open_clip: a tag or file; transformers: an id or folder
+    if not where or where == TINY or not Path(where).exists():
+        return None
+    path = Path(where)
+    from ..weights import sha256_file, tree_sha256
+
+    return "sha256:" + (tree_sha256(path) if path.is_dir() else sha256_file(path))
+
+
+def _hub_identity(repo: str) -> str:
+    from ..weights import WeightSource, resolved_revision
+
+    return f"{repo}@{resolved_revision(WeightSource(repo))}"
+
+
+def clip_weights_identity(name: str, pretrained: str) -> str:
+    """What identifies open_clip weights `pretrained` of model `name` (see ImageBackbone.identity)."""
+    import open_clip
+
+    if pretrained == TINY:
+        return f"tiny-clip-{TINY_VERSION}"
+    local = local_weights_identity("clip", name, pretrained)
+    if local:
+        return local
+    config = open_clip.get_pretrained_cfg(name, pretrained)
+    if config.get("hf_hub"):
+        return _hub_identity("/".join(config["hf_hub"].strip("/").split("/")[:2]))
+    return config.get("url") or f"open_clip {name} {pretrained}"
+
+
+def dino_weights_identity(model_id: str) -> str:
+    """What identifies the DINO weights `model_id` (see ImageBackbone.identity)."""
+    if model_id == TINY:
+        return f"tiny-dino-{TINY_VERSION}"
+    return local_weights_identity("dino", model_id) or _hub_identity(model_id)
+
+
 def trained_with_quick_gelu(name: str, pretrained: str) -> bool:
     """Whether open_clip's record of these weights says QuickGELU (OpenAI's CLIPs were trained with it)."""
     import open_clip
@@ -161,6 +204,7 @@ class ClipBackbone:
             raise RuntimeError(_unloadable(f"CLIP {name} {pretrained}", "clip=('ViT-B-32', 'tiny')", error)) from error
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(source)
+        self.identity = clip_weights_identity(name, pretrained)  # after loading: hub weights are cached now
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
         """[N, D] unit-norm image embeddings, in input order."""
@@ -222,6 +266,7 @@ class DinoBackbone:
                                "transformers version's layout?")
         self.model = model.to(self.device).eval()
         self.preprocess = dino_preprocess()
+        self.identity = dino_weights_identity(model_id)  # after loading: hub weights are cached now
 
     def _cls_token(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
@@ -240,7 +285,7 @@ def resolve_device(device: str | torch.device | None) -> str:
 
 
 @lru_cache(maxsize=4)
-def _load_backbone(kind: str, name: str, pretrained: str | None, device: str):
+def _load_backbone(kind: str, name: str, pretrained: str | None, device: str, local_weights: str | None):
     if kind == "clip":
         return ClipBackbone(name, pretrained, device=device)
     if kind == "dino":
@@ -251,9 +296,10 @@ def _load_backbone(kind: str, name: str, pretrained: str | None, device: str):
 def load_backbone(kind: str, name: str, pretrained: str | None = None, device: str | torch.device | None = None):
     """The backbone `kind` ('clip' or 'dino'), loaded once per (kind, name, pretrained, device).
 
+    Local weights are loaded again once their content changes (new weights at the same path).
     Call `load_backbone.cache_clear()` to drop the loaded models and free their memory.
     """
-    return _load_backbone(kind, name, pretrained, resolve_device(device))
+    return _load_backbone(kind, name, pretrained, resolve_device(device), local_weights_identity(kind, name, pretrained))
 
 
 load_backbone.cache_clear = _load_backbone.cache_clear

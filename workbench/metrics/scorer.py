@@ -63,6 +63,10 @@ class Scorer:
             for metric in self.metrics
         }
 
+    def identity(self) -> dict[str, str]:
+        """backbone kind -> which weights it holds (a hash, hub id@commit, or tiny version)."""
+        return {kind: backbone.identity for kind, backbone in self.backbones.items()}
+
     def embed_references(self, references: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """{'clip_image'|'dino_image': [R, D] unit-norm rows} of the reference images ({} for none).
 
