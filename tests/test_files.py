@@ -35,8 +35,27 @@ def _truncated(path: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 40)
 
 
+def _header_only(path: Path, header: dict, data_bytes: int) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"\0" * data_bytes)
+
+
+def _unknown_dtype(path: Path) -> None:
+    _header_only(path, {"w": {"dtype": "ZZZ", "shape": [1], "data_offsets": [0, 4]}}, 4)
+
+
+def _shape_larger_than_its_bytes(path: Path) -> None:
+    _header_only(path, {"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4]}}, 4)
+
+
+def _overlapping_tensors(path: Path) -> None:
+    _header_only(path, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                        "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, 4)
+
+
 BROKEN = {"garbage header": _garbage_header, "invalid header length": _invalid_header_length,
-          "renamed pickle": _renamed_pickle, "truncated": _truncated}
+          "renamed pickle": _renamed_pickle, "truncated": _truncated, "unknown dtype": _unknown_dtype,
+          "shape larger than its bytes": _shape_larger_than_its_bytes, "overlapping tensors": _overlapping_tensors}
 
 # Where a weight file is accepted, and the field the error must name.
 FIELDS = {

@@ -262,3 +262,15 @@ def test_token_counts_agree_with_the_pipeline_tokenizer(tiny_base):
     tokenizer = tiny_base.pipe.tokenizer
     texts = ["a cat", " ".join(["cat"] * 75), " ".join(["cat"] * 76), LONG_PROMPT]
     assert [too_long(t) for t in texts] == [too_long(t, tokenizer) for t in texts] == [False, False, True, True]
+
+
+def test_the_cli_warns_when_the_negative_prompt_is_longer_than_77_tokens(tmp_path, capsys):
+    import yaml
+
+    from workbench.__main__ import main
+
+    preset = tmp_path / "long_negative.yaml"
+    preset.write_text(yaml.safe_dump(tiny_study(seeds=[0], negative_prompt=LONG_PROMPT)))
+    assert main(["run", str(preset), "--out", str(tmp_path / "run"), "--no-score"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "77" in line]
+    assert len(warnings) == 1 and "negative_prompt" in warnings[0] and "truncat" in warnings[0]

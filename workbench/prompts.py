@@ -56,6 +56,10 @@ def truncation_warnings(study, tokenizer=None) -> list[str]:
             lines.append(f"{study.source}: prompts[{index}]: {max(counts)} tokens, more than the "
                          f"{token_limit(tokenizer)} the CLIP text encoder reads; the rest is truncated when "
                          "generating and when scoring CLIP-T (cells.csv: prompt_truncated)")
+    negative = study.negative_prompt
+    if negative and too_long(negative, tokenizer):
+        lines.append(f"{study.source}: negative_prompt: {token_count(negative, tokenizer)} tokens, more than the "
+                     f"{token_limit(tokenizer)} the CLIP text encoder reads; the rest is truncated in every cell")
     return lines
 
 

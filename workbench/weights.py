@@ -83,7 +83,21 @@ def _safetensors_problem(path: Path) -> str | None:
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1] <= data_bytes):
             return f"tensor {name!r} lies outside the file's {data_bytes} data bytes: truncated?"
-    return None
+    return _safetensors_layout_problem(path)
+
+
+def _safetensors_layout_problem(path: Path) -> str | None:
+    """What safetensors itself says of the header (dtypes, shapes against their bytes, overlaps), if anything.
+
+    Opening maps the file and parses the header without reading a tensor.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return None
+    except SafetensorError as error:
+        return str(error).splitlines()[0]
 
 
 def _looks_pickled(head: bytes) -> bool:
