@@ -32,7 +32,7 @@ from workbench.export import saved_study, unzip_run, zip_run
 from workbench.jobs import GPU_MAX_SECONDS, STOP_FILE, gpu_seconds, job_events, on_gpu, request_stop
 from workbench.run_folder import RunFolder
 from workbench.runner import RunResult, run_study
-from workbench.spec import load_study, parse_study
+from workbench.spec import parse_study
 
 
 def run_job(data: dict, run_dir: Path, stop_after: int | None = None) -> tuple[list, RunResult | None]:
