@@ -1,12 +1,12 @@
 """The personalization workbench in a browser: `python app.py [--preset presets/tiny.yaml] [--public]`.
 
-Layout and wiring live in workbench/ui.py; generation and scoring in the library. On a Hugging Face
+Layout and wiring live in workbench/app/; generation and scoring in the library. On a Hugging Face
 Space (SPACE_ID set) the app runs in public mode: allow-listed models only, capped studies.
 """
 
 import argparse
 
-from workbench.ui import build_app, default_config, launch_options
+from workbench.app import build_app, default_config, launch_options
 
 
 def main() -> None:

@@ -14,28 +14,37 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, tiny_study
 from PIL import Image
 
-from workbench import ui
+from workbench.app import AppConfig, build_app, default_config, launch_options
+from workbench.app.config import ASSETS, PUBLIC_MAX_CELLS, TINY_PRESET, check_public, discover_models, preset_data
+from workbench.app.form import Form, parse_numbers
+from workbench.app.uploads import normalize_reference
+from workbench.app.views import column_detail, column_for_click, column_seeds, disk_views, failure_text, \
+    grid_click_column, live_columns, score_views
+from workbench.app.workbench import user_errors
 from workbench.errors import StudyError
 from workbench.export import saved_study, unzip_run, zip_run
+from workbench.jobs import GPU_MAX_SECONDS, STOP_FILE, gpu_seconds, job_events, on_gpu, request_stop
+from workbench.run_folder import RunFolder
 from workbench.runner import RunResult, run_study
-from workbench.spec import load_study, parse_study
+from workbench.spec import parse_study
 
 
 def run_job(data: dict, run_dir: Path, stop_after: int | None = None) -> tuple[list, RunResult | None]:
-    """Drain ui.job_events; press Stop (the stop file) after `stop_after` progress events."""
+    """Drain job_events; press Stop (the stop file) after `stop_after` progress events."""
     events, result = [], None
-    for item in ui.job_events(data, str(run_dir), score=False, tick=0.05):
+    for item in job_events(parse_study(data), str(run_dir), score=False, tick=0.05):
         if isinstance(item, RunResult):
             result = item
         elif item is not None:
             events.append(item)
             if stop_after is not None and len(events) == stop_after:
-                ui.request_stop(str(run_dir))
+                request_stop(str(run_dir))
     return events, result
 
 
@@ -51,9 +60,9 @@ def scored_run(tmp_path_factory, tiny_base):
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "presets").glob("*.yaml")))
 def test_every_preset_fills_the_form_and_reads_back_as_the_same_study(preset):
-    data, references = ui._preset_data(REPO / "presets" / preset)
+    data, references = preset_data(REPO / "presets" / preset)
     with gr.Blocks():
-        form = ui.Form(ui.discover_models(REPO / "models"), public=False)
+        form = Form(discover_models(REPO / "models"), public=False)
     values = form.fill(data)
     assert values[form.notes] == ""  # the form shows every detail of every shipped preset
     again = parse_study(form.read(values, references), base_dir=REPO).to_dict()
@@ -62,16 +71,16 @@ def test_every_preset_fills_the_form_and_reads_back_as_the_same_study(preset):
 
 
 def test_weights_and_seeds_are_parsed_with_the_field_named():
-    assert ui.parse_numbers("0.3, 0.5 0.7;1", "IP-Adapter weights") == [0.3, 0.5, 0.7, 1.0]
-    assert ui.parse_numbers("0 1 2", "seeds", int) == [0, 1, 2]
+    assert parse_numbers("0.3, 0.5 0.7;1", "IP-Adapter weights") == [0.3, 0.5, 0.7, 1.0]
+    assert parse_numbers("0 1 2", "seeds", int) == [0, 1, 2]
     with pytest.raises(StudyError, match=r"IP-Adapter weights: 'high' is not a number"):
-        ui.parse_numbers("0.3, high", "IP-Adapter weights")
+        parse_numbers("0.3, high", "IP-Adapter weights")
     with pytest.raises(StudyError, match=r"seeds: '1.5' is not a whole number"):
-        ui.parse_numbers("1.5", "seeds", int)
+        parse_numbers("1.5", "seeds", int)
 
 
 def test_study_errors_reach_the_user_as_gr_error():
-    @ui._user_errors
+    @user_errors
     def fails():
         raise StudyError("seeds: expected a list of integers")
 
@@ -106,7 +115,7 @@ def test_bad_uploads_are_refused_by_name(tmp_path):
         path = tmp_path / name
         path.write_bytes(data)
         with pytest.raises(StudyError, match=rf"^reference image {name} is .*{message}") as refused:
-            ui.normalize_reference(path, tmp_path / "refs", f"reference image {name}")
+            normalize_reference(path, tmp_path / "refs", f"reference image {name}")
         assert "BytesIO" not in str(refused.value) and "upload is" not in str(refused.value)
 
 
@@ -120,7 +129,7 @@ def test_odd_uploads_become_upright_8bit_rgb_pngs(tmp_path):
     exif[0x0112] = 6  # rotate 90° clockwise on display
     Image.new("RGB", (60, 20), (0, 128, 255)).save(tmp_path / "rotated.jpg", exif=exif)
 
-    converted = {name: Image.open(ui.normalize_reference(tmp_path / name, refs, name))
+    converted = {name: Image.open(normalize_reference(tmp_path / name, refs, name))
                  for name in ("16bit.png", "rgba.png", "rotated.jpg")}
     assert all(image.mode == "RGB" and image.format == "PNG" for image in converted.values())
     assert converted["16bit.png"].size == (64, 48)
@@ -132,10 +141,10 @@ def test_odd_uploads_become_upright_8bit_rgb_pngs(tmp_path):
 
 
 def test_public_mode_takes_only_allow_listed_models_and_no_typed_paths(tmp_path):
-    choices = ui.discover_models(tmp_path / "no-models")
+    choices = discover_models(tmp_path / "no-models")
     ok = tiny_study(methods=[{"kind": "lora", "path": "tiny", "weights": [1.0]}], max_cells=500)
     ok["subject"]["reference_images"] = ["assets/chelsea.png"]
-    assert ui.check_public(ok, choices)["max_cells"] == ui.PUBLIC_MAX_CELLS
+    assert check_public(ok, choices)["max_cells"] == PUBLIC_MAX_CELLS
     refused = {
         "base": {**ok, "base": "/etc/passwd.safetensors"},
         "lora[0].path": {**ok, "lora": [{"path": "https://example.com/x.safetensors"}]},
@@ -145,29 +154,29 @@ def test_public_mode_takes_only_allow_listed_models_and_no_typed_paths(tmp_path)
     }
     for field, data in refused.items():
         with pytest.raises(StudyError, match=re.escape(field)):
-            ui.check_public(data, choices)
+            check_public(data, choices)
     uploaded = str(tmp_path / "upload.png")
-    ui.check_public({**ok, "subject": {"reference_images": [uploaded]}}, choices, {uploaded})
+    check_public({**ok, "subject": {"reference_images": [uploaded]}}, choices, {uploaded})
 
 
 @pytest.mark.parametrize("field, value", [("steps", "abc"), ("subject", [1]), ("size", "big"),
                                           ("max_cells", float("nan")), ("methods", 5), ("steps", float("nan"))])
 def test_public_mode_names_a_bad_value_in_one_line(tmp_path, field, value):
-    choices = ui.discover_models(tmp_path / "no-models")
+    choices = discover_models(tmp_path / "no-models")
     data = tiny_study(subject={"reference_images": ["assets/chelsea.png"], "class_noun": "cat"})
     data[field] = value
     with pytest.raises(StudyError) as refused:
-        parse_study(ui.check_public(data, choices), base_dir=REPO)
+        parse_study(check_public(data, choices), base_dir=REPO)
     assert re.match(rf"(<study>: )?{field}: ", str(refused.value)) and "\n" not in str(refused.value)
 
 
 def test_form_numbers_that_are_not_finite_are_refused_by_name():
     with pytest.raises(StudyError, match=r"IP-Adapter weights: 'nan' is not a finite number"):
-        ui.parse_numbers("0.5, nan", "IP-Adapter weights")
+        parse_numbers("0.5, nan", "IP-Adapter weights")
     with pytest.raises(StudyError, match=r"seeds: 'inf' is not a finite number"):
-        ui.parse_numbers("inf", "seeds", int)
+        parse_numbers("inf", "seeds", int)
     with gr.Blocks():
-        form = ui.Form(ui.discover_models(REPO / "models"), public=False)
+        form = Form(discover_models(REPO / "models"), public=False)
     values = form.fill(tiny_study())
     for component, name in [(form.steps, "steps"), (form.guidance, "guidance"), (form.height, "height"),
                             (form.lora_weight, "LoRA weight")]:
@@ -176,17 +185,17 @@ def test_form_numbers_that_are_not_finite_are_refused_by_name():
 
 
 def test_public_launch_caps_upload_size_and_serves_no_run_folder_by_path(tmp_path):
-    options = ui.launch_options(ui.AppConfig(public=True, runs_dir=tmp_path))
+    options = launch_options(AppConfig(public=True, runs_dir=tmp_path))
     assert options["max_file_size"] == "10mb"
-    assert options["allowed_paths"] == [str(ui.ASSETS)]
-    assert ui.default_config(public=True).public
+    assert options["allowed_paths"] == [str(ASSETS)]
+    assert default_config(public=True).public
 
 
 # ---------------------------------------------------------------- the GPU queue and ZeroGPU
 
 
 def test_every_generate_event_shares_one_gpu_queue_of_one(tmp_path):
-    demo = ui.build_app(ui.AppConfig(preset=ui.TINY_PRESET, runs_dir=tmp_path, queue_size=7))
+    demo = build_app(AppConfig(preset=TINY_PRESET, runs_dir=tmp_path, queue_size=7))
     gpu = [fn for fn in demo.fns.values() if fn.concurrency_id == "gpu"]
     assert {fn.name for fn in gpu} == {"run_job", "api_run"}
     assert all(fn.concurrency_limit == 1 for fn in gpu)
@@ -199,16 +208,16 @@ def test_zero_gpu_gets_one_call_per_grid_with_a_duration_from_its_size(monkeypat
     small = tiny_study(size=64, steps=4)
     big = tiny_study(size=512, steps=30, seeds=list(range(8)), methods=[{"kind": "lora", "path": "tiny",
                                                                            "weights": [0.5, 1.0]}])
-    assert 0 < ui.gpu_seconds(small, "run") < ui.gpu_seconds(big, "run") <= ui.GPU_MAX_SECONDS
-    assert ui._on_gpu(ui.job_events) is ui.job_events  # no `spaces` package here: plain call
+    assert 0 < gpu_seconds(parse_study(small), "run") < gpu_seconds(parse_study(big), "run") <= GPU_MAX_SECONDS
+    assert on_gpu(job_events) is job_events  # no `spaces` package here: plain call
 
     calls = []
     spaces = types.ModuleType("spaces")
     spaces.__spec__ = importlib.machinery.ModuleSpec("spaces", None)
     spaces.GPU = lambda duration: (calls.append(duration), lambda fn: ("gpu", fn))[1]
     monkeypatch.setitem(sys.modules, "spaces", spaces)
-    assert ui._on_gpu(ui.job_events) == ("gpu", ui.job_events)
-    assert calls == [ui.gpu_seconds]
+    assert on_gpu(job_events) == ("gpu", job_events)
+    assert calls == [gpu_seconds]
 
 
 # ---------------------------------------------------------------- stop, failure, continue
@@ -221,7 +230,7 @@ def test_stop_keeps_finished_cells_and_generate_again_makes_only_the_missing(tmp
     assert len(list((tmp_path / "images").rglob("*.png"))) == len(stopped.results)
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "cells.csv").is_file()
 
-    (tmp_path / ui.STOP_FILE).unlink()  # what Generate does before queueing the next job
+    (tmp_path / STOP_FILE).unlink()  # what Generate does before queueing the next job
     _, resumed = run_job(data, tmp_path)
     assert resumed.complete and not resumed.stopped
     assert resumed.generated == 4 - len(stopped.results)
@@ -235,15 +244,15 @@ def test_a_failing_job_keeps_what_it_generated(tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(StudyError, match="dreambooth.checkpoint: cannot load"):
         run_job(data, run_dir)
-    views = ui.disk_views(run_dir, "dino")
+    views = disk_views(run_dir, "dino")
     assert views.grid is not None and views.columns == ["baseline"]
     assert len(list((run_dir / "images").rglob("*.png"))) == 2
 
 
 def test_a_failure_promises_kept_images_only_when_there_are_some():
-    assert ui.failure_text(0, 60, "base: not cached") == ("Failed before the first image: base: not cached. "
+    assert failure_text(0, 60, "base: not cached") == ("Failed before the first image: base: not cached. "
                                                           "Fix that and press Generate.")
-    assert "The 2 finished images are kept" in ui.failure_text(2, 6, "out of memory")
+    assert "The 2 finished images are kept" in failure_text(2, 6, "out of memory")
 
 
 # ---------------------------------------------------------------- views, export, load back
@@ -251,17 +260,17 @@ def test_a_failure_promises_kept_images_only_when_there_are_some():
 
 def test_views_of_a_run_folder_show_scores_and_open_a_clicked_column(scored_run):
     run_dir = scored_run.run_dir
-    views = ui.disk_views(run_dir, "dino")
+    views = disk_views(run_dir, "dino")
     assert list(views.table["method@weight"]) == ["baseline", "lora@0.5", "lora@1"]
     assert {"DINO", "CLIP-I", "CLIP-T", "front"} <= set(views.table.columns)
     assert views.figure is not None and views.columns == ["baseline", "lora@0.5", "lora@1"]
-    assert ui.disk_views(run_dir, "clip_i").figure.layout.xaxis.title.text.startswith("CLIP-I")
-    assert ui.column_for_click(run_dir, "lora|0.5|17") == "lora@0.5"
-    assert ui.column_for_click(run_dir, "baseline|0") == "baseline"
-    items, caption = ui.column_detail(run_dir, "lora@1")
+    assert disk_views(run_dir, "clip_i").figure.layout.xaxis.title.text.startswith("CLIP-I")
+    assert column_for_click(run_dir, "lora|0.5|17") == "lora@0.5"
+    assert column_for_click(run_dir, "baseline|0") == "baseline"
+    items, caption = column_detail(run_dir, "lora@1")
     assert len(items) == 2 and all(Path(path).is_file() for path, _ in items)
     assert items[1][1].startswith("DINO ") and "seed 1" in items[1][1]  # scores first: a phone cuts the end
-    assert caption.startswith("`lora@1` — 2 images") and ui.column_seeds(run_dir, "lora@1") == 2
+    assert caption.startswith("`lora@1` — 2 images") and column_seeds(run_dir, "lora@1") == 2
 
 
 def test_a_click_on_the_grid_opens_the_column_under_it(scored_run):
@@ -277,12 +286,12 @@ def test_a_click_on_the_grid_opens_the_column_under_it(scored_run):
     assert width == layout.left + 3 * (layout.size + layout.gap) + layout.gap  # the layout of the saved grid
     middle = layout.left + layout.size // 2
     clicks = [middle + index * (layout.size + layout.gap) for index in range(3)]
-    assert [ui.grid_click_column(run_dir, None, x) for x in clicks] == ["baseline", "lora@0.5", "lora@1"]
-    assert ui.grid_click_column(run_dir, None, 3) is None  # the row labels and references
+    assert [grid_click_column(run_dir, None, x) for x in clicks] == ["baseline", "lora@0.5", "lora@1"]
+    assert grid_click_column(run_dir, None, 3) is None  # the row labels and references
 
 
 def test_the_score_table_shows_each_mean_with_its_paired_difference_and_interval(scored_run):
-    views = ui.score_views(scored_run.scores, scored_run.provenance, ui._live_columns(scored_run), "dino")
+    views = score_views(scored_run.scores, scored_run.provenance, live_columns(scored_run), "dino")
 
     summary = scored_run.summary().set_index("method")
     lora, baseline = summary[summary.weight == 0.5].loc["lora"], summary.loc["baseline"]
@@ -297,7 +306,7 @@ def test_a_baseline_labelled_control_still_gets_its_suggestion_in_the_app(scored
     scores = scored_run.scores.replace({"method": {"baseline": "control"}})
     assert set(scores.loc[scores.method == "control", "kind"]) == {"baseline"}
 
-    views = ui.score_views(scores, scored_run.provenance, {("control", 0.0): "control"}, "dino")
+    views = score_views(scores, scored_run.provenance, {("control", 0.0): "control"}, "dino")
 
     assert "**Suggested:** lora at weight" in views.suggestion
     assert "Δ" not in views.table.set_index("method@weight").loc["control", "DINO"]
@@ -305,8 +314,8 @@ def test_a_baseline_labelled_control_still_gets_its_suggestion_in_the_app(scored
 
 def test_a_run_stopped_before_any_method_says_when_a_weight_will_be_suggested(scored_run):
     scores = scored_run.scores
-    views = ui.score_views(scores[scores["method"] == "baseline"], scored_run.provenance,
-                           ui._live_columns(scored_run), "dino")
+    views = score_views(scores[scores["method"] == "baseline"], scored_run.provenance,
+                           live_columns(scored_run), "dino")
     assert list(views.table["method@weight"]) == ["baseline"]
     assert "appears once a method" in views.suggestion and "try higher weights" not in views.suggestion
 
@@ -343,13 +352,13 @@ def test_a_zip_reaching_outside_its_folder_is_refused(tmp_path):
 def test_run_endpoint_scripts_a_study_with_gradio_client(tmp_path):
     from gradio_client import Client
 
-    config = ui.AppConfig(preset=ui.TINY_PRESET, runs_dir=tmp_path / "runs")
-    demo = ui.build_app(config)
+    config = AppConfig(preset=TINY_PRESET, runs_dir=tmp_path / "runs")
+    demo = build_app(config)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **ui.launch_options(config))
+                **launch_options(config))
     try:
         client = Client(f"http://127.0.0.1:{port}", verbose=False)
         study = yaml.safe_dump(tiny_study(
@@ -372,8 +381,60 @@ def test_the_app_shows_a_label_that_starts_a_formula_as_written(tmp_path, tiny_b
     study = parse_study(tiny_study(methods=[{"kind": "baseline", "label": "-base"},
                                             {"kind": "lora", "path": "tiny", "weights": [1.0], "label": "=lora"}]))
     run_study(study, tmp_path, loaded=tiny_base, show_progress_bar=False)
-    assert set(ui._read_cells(tmp_path)["method"]) == {"-base", "=lora"}
-    views = ui.disk_views(tmp_path, "dino")
+    assert set(RunFolder(tmp_path).cells()["method"]) == {"-base", "=lora"}
+    views = disk_views(tmp_path, "dino")
     assert set(views.columns) == {"-base", "=lora@1"}
     assert views.table["method@weight"].tolist() == ["-base", "=lora@1"]
-    assert ui.column_detail(tmp_path, "=lora@1")[0]
+    assert column_detail(tmp_path, "=lora@1")[0]
+
+
+# ---------------------------------------------------------------- one parse per Generate, metrics from the scores
+
+
+def test_one_generate_parses_the_study_once(tmp_path, monkeypatch):
+    import sys
+
+    import workbench.spec
+    from workbench.app import Workbench
+
+    wb = Workbench(AppConfig(preset=TINY_PRESET, runs_dir=tmp_path / "runs"))
+    wb.build()
+    data = tiny_study(methods=[{"kind": "baseline"}, {"kind": "ip_adapter", "adapter": "tiny", "weights": [0.5]}])
+    values = {**wb.form.fill(data), wb.refs_state: [str(REPO / "assets/chelsea.png")], wb.run_state: None,
+              wb.job_state: None}
+
+    parses, decodes = [], []
+    real_parse, real_decode = workbench.spec.parse_study, workbench.spec.load_image
+
+    def counted_parse(*args, **kwargs):
+        parses.append(1)
+        return real_parse(*args, **kwargs)
+
+    def counted_decode(*args, **kwargs):  # what a parse spends its time on: each reference image decoded
+        decodes.append(1)
+        return real_decode(*args, **kwargs)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("workbench") and m is not None]:
+        if getattr(module, "parse_study", None) is real_parse:
+            monkeypatch.setattr(module, "parse_study", counted_parse)
+    monkeypatch.setattr(workbench.spec, "load_image", counted_decode)
+
+    prepared = wb.on_generate(values)
+    updates = list(wb.run_job(prepared[wb.study_state], prepared[wb.run_state], prepared[wb.job_state], "dino", None))
+
+    assert len(parses) == 1 and len(decodes) == 1
+    assert "Done: 4 cells" in updates[-1][wb.status]
+
+
+def test_every_scored_image_metric_is_offered_as_an_axis_and_shown_in_the_table(scored_run):
+    scores = scored_run.scores
+    images = scores[scores["metric"] == "dino"].assign(metric="brightness", value=lambda f: f["value"] / 2 + 0.5)
+    with_plugin = pd.concat([scores, images], ignore_index=True)
+
+    views = score_views(with_plugin, scored_run.provenance, live_columns(scored_run), "brightness")
+
+    assert [metric for _, metric in views.axes] == ["dino", "clip_i", "brightness"]
+    assert list(views.table.columns) == ["method@weight", "front", "DINO", "CLIP-I", "CLIP-T", "brightness",
+                                         "diversity", "n"]
+    assert views.figure.layout.xaxis.title.text.startswith("brightness")
+    assert len(views.widths) == len(views.table.columns)

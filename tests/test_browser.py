@@ -29,7 +29,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install playwright)")
-    from workbench.ui import TINY_PRESET, AppConfig, build_app, launch_options
+    from workbench.app import AppConfig, build_app, launch_options
+    from workbench.app.config import TINY_PRESET
 
     config = AppConfig(preset=TINY_PRESET, runs_dir=tmp_path_factory.mktemp("runs"))
     demo = build_app(config)

@@ -14,16 +14,20 @@ import yaml
 from conftest import tiny_study
 from PIL import Image
 
-from workbench import ui
+from workbench.app import AppConfig, Workbench, launch_options
+from workbench.app.config import TINY_PRESET
+from workbench.app.uploads import served_file
+from workbench.app.views import column_detail
 from workbench.errors import StudyError
 from workbench.export import unzip_run, zip_run
+from workbench.jobs import job_events, new_run_dir
 from workbench.runner import RunResult, run_study
 from workbench.spec import parse_study
 
 
-def workbench(tmp_path: Path, public: bool = True) -> ui.Workbench:
+def workbench(tmp_path: Path, public: bool = True) -> Workbench:
     """An app with its components built, whose handlers the tests call as a session would."""
-    wb = ui.Workbench(ui.AppConfig(preset=ui.TINY_PRESET, public=public, runs_dir=tmp_path / "runs"))
+    wb = Workbench(AppConfig(preset=TINY_PRESET, public=public, runs_dir=tmp_path / "runs"))
     wb.build()
     return wb
 
@@ -141,7 +145,7 @@ def test_a_column_never_serves_an_image_outside_its_run_folder(scored_run, tmp_p
     (run_dir / "images" / "a.png").write_bytes(png_bytes())
     (run_dir / "cells.csv").write_text("prompt_index,prompt,seed,column,image\n0,a,0,baseline,images/a.png\n"
                                        "0,a,1,baseline,../secret.txt\n0,a,2,baseline,/etc/hostname\n")
-    items, _ = ui.column_detail(run_dir, "baseline")
+    items, _ = column_detail(run_dir, "baseline")
     assert [Path(path) for path, _ in items] == [run_dir / "images" / "a.png"]
 
 
@@ -149,7 +153,7 @@ def test_a_column_never_serves_an_image_outside_its_run_folder(scored_run, tmp_p
 
 
 def test_run_folders_are_named_with_128_random_bits(tmp_path):
-    names = [ui.new_run_dir(tmp_path, "my study").name for _ in range(2)]
+    names = [new_run_dir(tmp_path, "my study").name for _ in range(2)]
     tokens = [re.fullmatch(r"\d{8}-\d{6}-my-study-([0-9a-f]+)", name).group(1) for name in names]
     assert all(len(token) == 32 for token in tokens) and tokens[0] != tokens[1]
 
@@ -157,10 +161,10 @@ def test_run_folders_are_named_with_128_random_bits(tmp_path):
 def test_run_files_are_served_only_as_the_copies_handed_to_their_session(scored_run, tmp_path):
     import httpx
 
-    config = ui.AppConfig(preset=ui.TINY_PRESET, public=True, runs_dir=tmp_path / "runs")
-    wb = ui.Workbench(config)
+    config = AppConfig(preset=TINY_PRESET, public=True, runs_dir=tmp_path / "runs")
+    wb = Workbench(config)
     demo = wb.build()
-    other = ui.new_run_dir(config.runs_dir, "other") / "references" / "x.png"
+    other = new_run_dir(config.runs_dir, "other") / "references" / "x.png"
     mine = config.runs_dir / "mine"
     shutil.copytree(scored_run.run_dir, mine)
     other.parent.mkdir(parents=True)
@@ -169,11 +173,11 @@ def test_run_files_are_served_only_as_the_copies_handed_to_their_session(scored_
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **ui.launch_options(config))
+                **launch_options(config))
     try:
         url = f"http://127.0.0.1:{port}/gradio_api/file="
         assert httpx.get(url + str(other)).status_code == 403  # known path, another session's folder
-        copy = ui.served_file(other)
+        copy = served_file(other)
         assert not Path(copy).is_relative_to(config.runs_dir)
         response = httpx.get(url + copy)
         assert response.status_code == 200 and response.content == other.read_bytes()
@@ -191,9 +195,9 @@ def test_run_files_are_served_only_as_the_copies_handed_to_their_session(scored_
 # ---------------------------------------------------------------- stop and /run
 
 
-def drain(data: dict, run_dir: str, job: str, on_first=None) -> RunResult:
+def drain(study, run_dir: str, job: str, on_first=None) -> RunResult:
     result = None
-    for item in ui.job_events(data, run_dir, score=False, tick=0.05, job=job):
+    for item in job_events(study, run_dir, score=False, tick=0.05, job=job):
         if isinstance(item, RunResult):
             result = item
         elif item is not None and on_first is not None:
@@ -205,13 +209,13 @@ def drain(data: dict, run_dir: str, job: str, on_first=None) -> RunResult:
 def test_stop_from_another_session_does_not_stop_the_job(tmp_path):
     wb = workbench(tmp_path, public=False)
     prepared = wb.prepare(tiny_study(seeds=[0, 1, 2], steps=3), None, set())
-    data, run_dir, job = prepared[wb.study_state], prepared[wb.run_state], prepared[wb.job_state]
+    study, run_dir, job = prepared[wb.study_state], prepared[wb.run_state], prepared[wb.job_state]
 
     def other_sessions_stop():  # one opened the same folder; its Stop carries its own job, or none
         wb.on_stop(run_dir, None)
         wb.on_stop(run_dir, wb.prepare(tiny_study(), run_dir, set())[wb.job_state])
 
-    result = drain(data, run_dir, job, other_sessions_stop)
+    result = drain(study, run_dir, job, other_sessions_stop)
     assert result.complete and not result.stopped
 
     again = wb.prepare(tiny_study(seeds=[3, 4, 5, 6], steps=3), run_dir, set())

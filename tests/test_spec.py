@@ -293,14 +293,14 @@ def test_a_preset_over_1_mb_is_refused_unread(tmp_path):
 
 
 def test_every_yaml_entry_point_uses_the_safe_loader(tmp_path):
-    from workbench import ui
+    from workbench.app.workbench import read_yaml
     from workbench.export import saved_study
 
     (tmp_path / "study.yaml").write_text(BOMBS["description"])
     with pytest.raises(StudyError, match="refused: aliases"):
         saved_study(tmp_path)
     with pytest.raises(StudyError, match="refused: aliases"):
-        ui._load_yaml(BOMBS["description"])
+        read_yaml(BOMBS["description"])
 
 
 def test_cli_refuses_a_nan_weight_with_one_line_and_a_nonzero_exit(tmp_path):

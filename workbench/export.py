@@ -18,9 +18,8 @@ import yaml
 
 from .errors import StudyError
 from .paths import inside
-from .safe_yaml import MAX_MANIFEST_BYTES, MAX_STUDY_BYTES, read_study_file
+from .run_folder import MANIFEST, STUDY_FILE, RunFolder, reference_images
 
-STUDY_FILE = "study.yaml"
 REFERENCES = "references"
 ALLOWED_SUFFIXES = {".png", ".csv", ".json", ".html", ".yaml", ".yml", ".safetensors", ".txt"}
 MAX_UNZIPPED_BYTES = 4 << 30  # an exported run of a few thousand 1024 px PNGs fits well below this
@@ -162,42 +161,16 @@ def check_run_paths(run_dir: str | Path, name: str) -> None:
             for index, row in enumerate(rows):
                 if row.get(column):
                     inside(run_dir, row[column], f"{name}: {table}: {column}[{index}]", "the zip")
-    for source, study in stored_studies(run_dir).items():
+    for source, study in RunFolder(run_dir).stored_studies().items():
         for index, ref in enumerate(reference_images(study)):
             inside(run_dir, ref, f"{name}: {source}: subject.reference_images[{index}]", "the zip")
 
 
-def reference_images(study: dict) -> list:
-    """subject.reference_images of a study dict as written (a list; a lone string becomes one item)."""
-    subject = study.get("subject") if isinstance(study, dict) else None
-    references = (subject.get("reference_images") if isinstance(subject, dict) else None) or []
-    if isinstance(references, str):
-        return [references]
-    return list(references) if isinstance(references, list) else []
-
-
-def stored_studies(run_dir: str | Path) -> dict[str, dict]:
-    """The studies a run folder holds, as written: {"study.yaml": ..., "manifest.json": ...} for those present."""
-    run_dir = Path(run_dir)
-    found = {}
-    for source in (STUDY_FILE, "manifest.json"):
-        path = run_dir / source
-        if not path.is_file():
-            continue
-        data = read_study_file(path, max_bytes=MAX_STUDY_BYTES if source == STUDY_FILE else MAX_MANIFEST_BYTES)
-        if source != STUDY_FILE:
-            data = data.get("study") if isinstance(data, dict) else None
-        if not isinstance(data, dict):
-            raise StudyError(f"{path}: expected a mapping of study fields")
-        found[source] = data
-    return found
-
-
 def saved_study(run_dir: str | Path) -> dict:
     """The study of a run folder (study.yaml, else the manifest's), with paths portable to this folder."""
-    studies = stored_studies(run_dir)
+    studies = RunFolder(run_dir).stored_studies()
     if STUDY_FILE in studies:
         return studies[STUDY_FILE]
-    if "manifest.json" in studies:
-        return portable_study(studies["manifest.json"], Path(run_dir))
+    if MANIFEST in studies:
+        return portable_study(studies[MANIFEST], Path(run_dir))
     raise StudyError(f"{run_dir}: no study.yaml or manifest.json; not a run folder")

@@ -79,7 +79,8 @@ def base_identity(base: str) -> dict:
     return source_identity(source)
 
 
-def _is_sdxl_single_file(path: Path) -> bool:
+def is_sdxl_single_file(path: Path) -> bool:
+    """Is this single-file .safetensors checkpoint an SDXL one (it has SDXL's second text encoder)?"""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
@@ -105,7 +106,7 @@ def load_pipeline_uncached(source: WeightSource | str, *, dtype: torch.dtype, de
             pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir(source), dtype=dtype)
         elif source.local_file is not None and source.local_file.suffix == ".safetensors":
             path = source.local_file
-            pipeline_class = StableDiffusionXLPipeline if _is_sdxl_single_file(path) else StableDiffusionPipeline
+            pipeline_class = StableDiffusionXLPipeline if is_sdxl_single_file(path) else StableDiffusionPipeline
             extra = {} if pipeline_class is StableDiffusionXLPipeline else {"safety_checker": None}
             pipe = pipeline_class.from_single_file(str(path), dtype=dtype, **extra)
         else:
@@ -116,7 +117,7 @@ def load_pipeline_uncached(source: WeightSource | str, *, dtype: torch.dtype, de
     except (OSError, EnvironmentError, ValueError) as error:
         single_file = not isinstance(source, str) and source.local_file is not None
         if single_file and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-            kind = SDXL_CONFIG_REPO if _is_sdxl_single_file(source.local_file) else SD15_CONFIG_REPO
+            kind = SDXL_CONFIG_REPO if is_sdxl_single_file(source.local_file) else SD15_CONFIG_REPO
             raise StudyError(
                 f"{field}: {source.local_file.name} is a single-file checkpoint; diffusers' from_single_file needs the "
                 f"configs of {kind} in the local Hugging Face cache, and HF_HUB_OFFLINE is set. On a machine with "
