@@ -258,3 +258,93 @@ def test_an_exported_run_is_rescored_by_the_cli_from_its_unzipped_folder(scored_
     manifest = json.loads((loaded / "manifest.json").read_text())
     assert manifest["study"]["subject"]["reference_images"] == ["references/00_chelsea.png"]  # no server path
     assert main(["score", str(loaded)]) == 0
+
+
+def _bad_crc(path: Path, study: dict) -> Path:
+    run_zip(path, study)
+    data = bytearray(path.read_bytes())
+    start = data.index(png_bytes()[:8])  # the stored reference's bytes: flip one, its CRC no longer matches
+    data[start + 20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+MALFORMED = {
+    "cells.csv without a method column": lambda p, s: run_zip(p, s, "image,weight\nreferences/00_cat.png,1\n"),
+    "a weight that is not a number": lambda p, s: run_zip(
+        p, s, "prompt_index,prompt,method,kind,weight,seed,column,image\n0,a,baseline,baseline,abc,0,baseline,"
+              "references/00_cat.png\n"),
+    "grid.png that is not a PNG": lambda p, s: _with_member(run_zip(p, s), "grid.png", b"not a png"),
+    "a member with a bad CRC": _bad_crc,
+}
+
+
+def _with_member(path: Path, name: str, data: bytes) -> Path:
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("malformed", MALFORMED)
+def test_a_zip_with_malformed_run_files_is_refused_in_one_line_and_leaves_nothing(tmp_path, malformed):
+    archive = MALFORMED[malformed](tmp_path / "odd.zip", zipped_study("references/00_cat.png"))
+    wb = workbench(tmp_path)
+    with pytest.raises(gr.Error) as refused:
+        wb.on_load_file(str(archive))
+    message = refused.value.message
+    assert message.startswith("odd.zip: ") and "\n" not in message
+    assert str(wb.config.runs_dir) not in message  # no server path in what the client reads
+    assert run_folders(wb.config.runs_dir) == []
+
+
+def test_a_zip_whose_scores_csv_is_not_csv_loads_without_scores(tmp_path):
+    archive = _with_member(run_zip(tmp_path / "odd.zip", zipped_study("references/00_cat.png")), "scores.csv",
+                           b"a,b\n1\n\x00\x01,2,3,4\n")
+    wb = workbench(tmp_path)
+    updates = wb.on_load_file(str(archive))
+    assert updates[wb.plot] is None and len(run_folders(wb.config.runs_dir)) == 1  # no scores, no frontier
+
+
+def test_a_zip_whose_table_unzips_past_the_cap_is_refused_before_it_is_written(tmp_path):
+    from workbench.export import MAX_TABLE_BYTES
+
+    archive = run_zip(tmp_path / "bomb.zip", zipped_study("references/00_cat.png"))
+    with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as bomb:
+        bomb.writestr("cells.csv", "image\n" + "references/00_cat.png\n" * (MAX_TABLE_BYTES // 20))
+    assert archive.stat().st_size < MAX_TABLE_BYTES // 50
+    with pytest.raises(StudyError, match=r"bomb\.zip: cells\.csv unzips to \d+ MB"):
+        unzip_run(archive, tmp_path / "runs" / "loaded")
+    assert not (tmp_path / "runs" / "loaded").exists()
+
+
+def test_run_folders_that_never_got_a_cell_are_swept_once_they_are_old(tmp_path):
+    import os
+    import time
+
+    from workbench.jobs import sweep_unused_run_folders
+
+    runs = tmp_path / "runs"
+    old_empty, young_empty, old_with_image = (new_run_dir(runs, name) for name in ("old", "young", "kept"))
+    (old_empty / "references").mkdir()
+    (old_empty / "references" / "a.png").write_bytes(png_bytes())
+    (old_with_image / "images" / "baseline").mkdir(parents=True)
+    (old_with_image / "images" / "baseline" / "p00_w0_s0_0123456789abcdef.png").write_bytes(png_bytes())
+    long_ago = time.time() - 3 * 3600
+    for folder in (old_empty, old_with_image):
+        for path in [folder, *folder.rglob("*")]:
+            os.utime(path, (long_ago, long_ago))
+    sweep_unused_run_folders(runs, older_than_s=3600)
+    assert sorted(p.name for p in runs.iterdir()) == sorted([young_empty.name, old_with_image.name])
+
+
+def test_preparing_a_study_sweeps_old_run_folders_that_never_got_a_cell(tmp_path):
+    import os
+    import time
+
+    wb = workbench(tmp_path)
+    abandoned = new_run_dir(wb.config.runs_dir, "abandoned")
+    long_ago = time.time() - 24 * 3600
+    os.utime(abandoned, (long_ago, long_ago))
+    wb.prepare(zipped_study("assets/chelsea.png") | {"subject": {"reference_images": [str(Path("assets/chelsea.png").resolve())], "class_noun": "cat"}},
+               None, {str(Path("assets/chelsea.png").resolve())})
+    assert abandoned.name not in run_folders(wb.config.runs_dir)

@@ -12,6 +12,7 @@ import csv
 import json
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 
 import yaml
@@ -24,6 +25,9 @@ REFERENCES = "references"
 ALLOWED_SUFFIXES = {".png", ".csv", ".json", ".html", ".yaml", ".yml", ".safetensors", ".txt"}
 MAX_UNZIPPED_BYTES = 4 << 30  # an exported run of a few thousand 1024 px PNGs fits well below this
 MAX_MEMBERS = 50_000
+# A run's tables and texts: cells.csv of 50,000 cells is about 15 MB, frontier.html (plotly inlined) 5 MB.
+MAX_TABLE_BYTES = 32 << 20
+_TEXT_SUFFIXES = {".csv", ".json", ".html", ".yaml", ".yml", ".txt"}
 _SKIP_SUFFIXES = (".partial", ".zip")
 _STORED = (".png", ".safetensors")  # already compressed (or incompressible): store, do not deflate
 _PATH_OPTIONS = ("adapter", "path", "embedding", "checkpoint")
@@ -124,21 +128,43 @@ def unzip_run(zip_path: str | Path, dest: str | Path) -> Path:
                              "is it a zip exported by the workbench?")
         for member in members:
             target = (dest / member.filename).resolve()
-            if not target.is_relative_to(dest) or Path(member.filename).suffix.lower() not in ALLOWED_SUFFIXES:
+            suffix = Path(member.filename).suffix.lower()
+            if not target.is_relative_to(dest) or suffix not in ALLOWED_SUFFIXES:
                 raise StudyError(f"{Path(zip_path).name}: unexpected entry {member.filename!r}; "
                                  "is it a zip exported by the workbench?")
+            if suffix in _TEXT_SUFFIXES and member.file_size > MAX_TABLE_BYTES:
+                raise StudyError(f"{Path(zip_path).name}: {member.filename} unzips to {member.file_size >> 20} MB, "
+                                 f"more than the {MAX_TABLE_BYTES >> 20} MB a run's table or text file has")
         dest.mkdir(parents=True, exist_ok=True)
-        for member in members:
-            target = dest / member.filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(member) as source, open(target, "wb") as sink:
-                shutil.copyfileobj(source, sink)
+        try:
+            for member in members:
+                target = dest / member.filename
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as source, open(target, "wb") as sink:
+                    shutil.copyfileobj(source, sink)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise StudyError(f"{Path(zip_path).name}: damaged zip ({error})") from None
     try:
         check_run_paths(dest, Path(zip_path).name)
     except StudyError:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return dest
+
+
+def zip_refusal(name: str, run_dir: Path, error: Exception) -> str:
+    """One line telling a client why its zip `name` was refused, naming no server path.
+
+    A StudyError says what is wrong; anything else that broke while reading the run (a table
+    without its columns, a grid that is not an image) says the run cannot be read.
+    """
+    text = str(error) if isinstance(error, StudyError) else (
+        f"not a run this app can read ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})")
+    for folder in {str(Path(run_dir).resolve()), str(run_dir)}:
+        text = text.replace(folder, name)
+    text = " ".join(text.split())[:300]
+    return text if text.startswith(f"{name}: ") else f"{name}: {text}"
 
 
 def check_run_paths(run_dir: str | Path, name: str) -> None:
@@ -158,9 +184,12 @@ def check_run_paths(run_dir: str | Path, name: str) -> None:
         except (UnicodeDecodeError, csv.Error) as error:
             raise StudyError(f"{name}: {table}: cannot read it ({error})") from None
         for column in PATH_COLUMNS:
+            first_row = {}  # each distinct path is checked once: a table repeats few paths many times
             for index, row in enumerate(rows):
                 if row.get(column):
-                    inside(run_dir, row[column], f"{name}: {table}: {column}[{index}]", "the zip")
+                    first_row.setdefault(row[column], index)
+            for value, index in first_row.items():
+                inside(run_dir, value, f"{name}: {table}: {column}[{index}]", "the zip")
     for source, study in RunFolder(run_dir).stored_studies().items():
         for index, ref in enumerate(reference_images(study)):
             inside(run_dir, ref, f"{name}: {source}: subject.reference_images[{index}]", "the zip")

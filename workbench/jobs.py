@@ -14,6 +14,7 @@ import json
 import queue
 import re
 import secrets
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,33 @@ def new_run_dir(runs_dir: Path, name: str) -> Path:
     path = Path(runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(16)}"
     path.mkdir(parents=True)
     return path
+
+
+UNUSED_RUN_FOLDER_SECONDS = 2 * 3600  # longer than a full public queue waits for its turn
+
+
+def sweep_unused_run_folders(runs_dir: Path, older_than_s: float = UNUSED_RUN_FOLDER_SECONDS) -> list[Path]:
+    """Delete run folders that never got a cell and have not changed for `older_than_s`; return them.
+
+    Such a folder is left by a job whose client went away while queued, or that stopped or failed
+    before its first image. A folder a run holds (its lock) is never touched.
+    """
+    from .files import run_folder_lock
+
+    removed = []
+    horizon = time.time() - older_than_s
+    for folder in Path(runs_dir).glob("*/"):
+        if any(folder.glob("images/*/*.png")):
+            continue
+        if max((p.stat().st_mtime for p in [folder, *folder.rglob("*")]), default=0.0) > horizon:
+            continue
+        try:
+            with run_folder_lock(folder, wait_seconds=0):
+                shutil.rmtree(folder)
+        except (StudyError, OSError):
+            continue  # in use, or already gone
+        removed.append(folder)
+    return removed
 
 
 def with_references(study: Study, references: list[str | Path]) -> Study:

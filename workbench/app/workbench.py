@@ -21,9 +21,9 @@ from typing import Iterator
 import gradio as gr
 
 from ..errors import StudyError
-from ..export import saved_study, unzip_run, zip_run
+from ..export import saved_study, unzip_run, zip_refusal, zip_run
 from ..jobs import JobStream, clear_stop, job_events, new_run_dir, on_gpu, request_stop, stop_requested, \
-    why_unscored, with_references
+    sweep_unused_run_folders, why_unscored, with_references
 from ..paths import inside
 from ..report import grid_images
 from ..run_folder import RunFolder, saved_runs
@@ -228,9 +228,9 @@ class Workbench(Layout):
             run_dir = new_run_dir(self.config.runs_dir, re.sub(r"^\d{8}-\d{6}-(.*)-[0-9a-f]{6,32}$", r"\1", path.stem))
             try:
                 return self.open_run(unzip_run(path, run_dir), path.name)
-            except StudyError:
+            except Exception as error:  # hostile input: any failure refuses the upload, keeps nothing, names no path
                 shutil.rmtree(run_dir, ignore_errors=True)
-                raise
+                raise StudyError(zip_refusal(path.name, run_dir, error)) from None
         # a manifest.json grows a little with every rerun; its study is capped like any other
         data = read_study_file(path, path.name, max_bytes=MAX_MANIFEST_BYTES if suffix == ".json" else MAX_STUDY_BYTES)
         if suffix == ".json":
@@ -267,6 +267,8 @@ class Workbench(Layout):
         data = self.checked(data, trusted)
         study = parse_study(data, source="study", base_dir=REPO)
         fresh = not (run_dir and Path(run_dir).is_dir())
+        if fresh:  # folders of jobs that never made a cell (client gone while queued, failed early) go
+            sweep_unused_run_folders(self.config.runs_dir)
         run_dir = new_run_dir(self.config.runs_dir, study.name) if fresh else Path(run_dir)
         job = job or secrets.token_hex(16)
         clear_stop(run_dir, job)
