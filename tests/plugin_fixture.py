@@ -22,7 +22,6 @@ class TokenOnly:
     suggested_weights = None
     weight_range = (0.0, 0.0)
     uses_references = False
-    per_sample_weights = True  # TEMPORARY until the runner reads attachment.per_sample_weights
 
     @classmethod
     def from_options(cls, options, **_):

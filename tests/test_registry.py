@@ -40,6 +40,7 @@ def test_every_method_declares_what_the_app_and_the_spec_need(kind):
     options = {field.name for field in dataclasses.fields(cls)}
     assert (cls.weight_option is None) == (cls.weight_file_kind is None)
     assert cls.weight_option is None or cls.weight_option in options
+    assert not hasattr(cls, "per_sample_weights")  # known once loaded: the attachment says it
 
 
 def test_the_shipped_methods_give_the_app_its_titles_options_and_first_sweeps():

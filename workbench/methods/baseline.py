@@ -17,7 +17,6 @@ class Baseline:
     suggested_weights = None  # nothing to pick: the baseline has no weight
     weight_range = (0.0, 0.0)
     uses_references = False
-    per_sample_weights = True  # TEMPORARY until the runner reads attachment.per_sample_weights
 
     @classmethod
     def from_options(cls, options, **_):

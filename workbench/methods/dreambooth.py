@@ -26,7 +26,6 @@ class DreamBooth:
     default_weights = suggested_weights = (1.0,)
     weight_range = (0.0, 2.0)  # 0 = base UNet, 1 = fine-tuned, above 1 extrapolates
     uses_references = False
-    per_sample_weights = False  # TEMPORARY until the runner reads attachment.per_sample_weights
 
     @classmethod
     def from_options(cls, options, *, base, base_dir, fail):

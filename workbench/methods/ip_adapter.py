@@ -67,10 +67,6 @@ class IPAdapter:
     weight_range = (0.0, 2.0)  # adapter scale (0 = the baseline's image); also bounds each block_scales value
     uses_references = True
 
-    @property
-    def per_sample_weights(self) -> bool:  # TEMPORARY until the runner reads attachment.per_sample_weights
-        return self.block_scales is None
-
     @classmethod
     def from_options(cls, options, *, base, base_dir, fail):
         adapter = options.get("adapter")

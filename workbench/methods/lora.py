@@ -90,7 +90,6 @@ class Lora:
     suggested_weights = (0.6, 1.0)
     weight_range = (-2.0, 2.0)  # adapter scale; negative subtracts the subject (also the study-level `lora:`)
     uses_references = False
-    per_sample_weights = True  # TEMPORARY until the runner reads attachment.per_sample_weights
 
     @classmethod
     def from_options(cls, options, *, base, base_dir, fail):
