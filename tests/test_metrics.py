@@ -158,34 +158,55 @@ def test_diversity_of_identical_images_is_zero_and_of_one_image_is_nan(scorer, i
     assert math.isnan(diversity.score_group({"dino_image": same[:1]}))
 
 
-def records_for(images) -> list[dict]:
-    cells = [("baseline", None), ("ip_adapter", 0.5), ("ip_adapter", 1.0)]
-    return [
-        {"prompt": "a photo of sks dog", "method": cells[index // 2][0], "weight": cells[index // 2][1],
-         "seed": index % 2, "clip_prompt": "a photo of dog"}
-        for index in range(len(images))
-    ]
+REFERENCE_ASSETS = ["chelsea.png", "chelsea_crop.png", "coffee.png"]
 
 
-def test_score_frame_is_a_long_table_with_one_diversity_row_per_group(scorer, images, references):
-    records = records_for(images)
+def scored_run(scorer, images, run_dir):
+    """`images` scored along the runner's path (RunScores), as the 6 cells of a study: baseline and
+    lora@0.5, lora@1, two seeds each; three reference images."""
+    from types import SimpleNamespace
 
-    frame = scorer.score_frame(records, images, references)
+    from conftest import REPO, tiny_study
 
-    assert list(frame.columns) == ["prompt", "method", "weight", "seed", "metric", "value"]
+    from workbench.scoring import RunScores
+    from workbench.spec import parse_study
+
+    study = parse_study(tiny_study(
+        subject={"reference_images": [str(REPO / "assets" / name) for name in REFERENCE_ASSETS], "class_noun": "dog"},
+        methods=[{"kind": "baseline"}, {"kind": "lora", "path": "tiny", "weights": [0.5, 1.0]}]))
+    cells = study.cells()
+    assert len(cells) == len(images)
+    results = [SimpleNamespace(cell=cell, key=f"key{index}", method=study.methods[cell.method_index].label,
+                               kind=study.methods[cell.method_index].method.kind, image_path=None)
+               for index, cell in enumerate(cells)]
+    run = RunScores(scorer, study, run_dir)
+    run.add(results, images)
+    return run, study
+
+
+def test_the_score_table_is_long_with_one_diversity_row_per_group(scorer, images, tmp_path):
+    from workbench.images import load_image
+
+    run, study = scored_run(scorer, images, tmp_path)
+
+    frame = run.frame()
+
+    assert list(frame.columns) == ["prompt_index", "prompt", "method", "kind", "weight", "seed", "key", "metric",
+                                   "value"]
     per_image = frame[frame.metric != "diversity"]
     assert len(per_image) == 3 * len(images)
     assert per_image["seed"].notna().all()
-    expected = scorer.score_images(images, [r["clip_prompt"] for r in records], scorer.embed_references(references))
+    references = scorer.embed_references([load_image(path) for path in study.subject.reference_images])
+    expected = scorer.score_images(images, ["a photo of a dog"] * len(images), references)
     for name, values in expected.items():
         np.testing.assert_allclose(per_image[per_image.metric == name]["value"].to_numpy(), values.numpy(),
                                    rtol=1e-6)
-        assert per_image[per_image.metric == name]["seed"].tolist() == [r["seed"] for r in records]
+        assert per_image[per_image.metric == name]["seed"].tolist() == [cell.seed for cell in study.cells()]
 
     groups = frame[frame.metric == "diversity"]
     assert groups["seed"].isna().all()
-    assert groups["method"].tolist() == ["baseline", "ip_adapter", "ip_adapter"]
-    np.testing.assert_array_equal(groups["weight"], [np.nan, 0.5, 1.0])
+    assert groups["method"].tolist() == ["baseline", "lora", "lora"]
+    np.testing.assert_array_equal(groups["weight"], [0.0, 0.5, 1.0])
     diversity = get_metric("diversity")()
     dino_rows = scorer.backbones["dino"].embed_images(images)
     for position, value in enumerate(groups["value"]):
@@ -193,7 +214,7 @@ def test_score_frame_is_a_long_table_with_one_diversity_row_per_group(scorer, im
         assert value == pytest.approx(diversity.score_group({"dino_image": members}), abs=1e-6)
 
 
-def test_score_frame_embeds_each_image_once_per_backbone(scorer, images, references, monkeypatch):
+def test_scoring_embeds_each_image_once_per_backbone(scorer, images, tmp_path, monkeypatch):
     embedded = []
     for kind, backbone in scorer.backbones.items():
         original = backbone.embed_images
@@ -201,7 +222,8 @@ def test_score_frame_embeds_each_image_once_per_backbone(scorer, images, referen
                             lambda batch, *args, _kind=kind, _original=original, **kwargs:
                             embedded.append((_kind, len(batch))) or _original(batch, *args, **kwargs))
 
-    scorer.score_frame(records_for(images), images, references)
+    run, _ = scored_run(scorer, images, tmp_path)
+    run.frame()
 
     assert sorted(embedded) == sorted([("clip", 6), ("clip", 3), ("dino", 6), ("dino", 3)])
 
@@ -236,11 +258,12 @@ def test_provenance_says_how_to_read_each_metric(scorer):
 
 
 def test_load_backbone_returns_the_same_loaded_model_for_the_same_key():
-    first = load_backbone("dino", "tiny", None, "cpu")
+    first = load_backbone("dino", {"model_id": "tiny"}, "cpu")
 
-    assert load_backbone("dino", "tiny", None, torch.device("cpu")) is first
-    with pytest.raises(ValueError, match="unknown backbone kind"):
-        load_backbone("siglip", "x", None, "cpu")
+    assert load_backbone("dino", {"model_id": "tiny"}, torch.device("cpu")) is first
+    assert load_backbone("dino", {"model_id": "tiny"}, "cpu").produces == {"dino_image": "image"}
+    with pytest.raises(ValueError, match=r"unknown backbone 'siglip' \(known: clip, dino"):
+        load_backbone("siglip", {"model_id": "x"}, "cpu")
 
 
 def test_a_backbone_that_cannot_be_loaded_says_what_to_do():
@@ -322,24 +345,30 @@ def test_tiny_backbones_are_the_same_wherever_they_are_built(tmp_path, monkeypat
         torch.testing.assert_close(rebuilt.embed_images([image]), shared.embed_images([image]), rtol=0, atol=0)
 
 
-def test_scores_are_empty_for_no_images(scorer, references):
+def test_scores_are_empty_for_no_images(scorer, references, tmp_path):
+    from conftest import tiny_study
+
+    from workbench.scoring import SCORE_COLUMNS, RunScores
+    from workbench.spec import parse_study
+
     scores = scorer.score_images([], [], scorer.embed_references(references))
+    assert list(scores) == ["clip_i", "clip_t", "dino"]
     assert all(values.shape == (0,) for values in scores.values())
-    frame = scorer.score_frame([], [], references)
-    assert frame.empty and list(frame.columns) == ["prompt", "method", "weight", "seed", "metric", "value"]
+    frame = RunScores(scorer, parse_study(tiny_study()), tmp_path).frame()
+    assert frame.empty and list(frame.columns) == SCORE_COLUMNS
 
 
-def test_a_scored_frame_summarises_and_plots(scorer, images, references):
+def test_a_scored_frame_summarises_and_plots(scorer, images, tmp_path):
     from workbench.frontier import summarize
     from workbench.plots import frontier_figure
 
-    scores = scorer.score_frame(records_for(images), images, references)
+    scores = scored_run(scorer, images, tmp_path)[0].frame()
 
     summary = summarize(scores)
     figure = frontier_figure(summary, scores=scores, provenance=scorer.provenance())
 
     assert summary[["method", "dino_n", "clip_t_n", "diversity_n"]].values.tolist() == [
-        ["baseline", 2, 2, 1], ["ip_adapter", 2, 2, 1], ["ip_adapter", 2, 2, 1]
+        ["baseline", 2, 2, 1], ["lora", 2, 2, 1], ["lora", 2, 2, 1]
     ]
     assert summary["on_pareto_front"].any()
     (baseline,) = [trace for trace in figure.data if trace.name == "baseline"]
@@ -406,3 +435,8 @@ def test_images_preprocessed_in_threads_keep_their_order(scorer):
     serial = _embed_in_batches(encode, dino.preprocess, images, 4, torch.device("cpu"), threads=False)
     assert torch.equal(threaded, serial)
     assert torch.allclose(threaded, dino.embed_images(images, batch_size=4))
+
+
+def test_a_prompt_feature_without_one_prompt_per_image_names_the_metric_that_reads_it(scorer, images):
+    with pytest.raises(ValueError, match="clip_t needs one prompt per image: got 2 images and 1 prompts"):
+        scorer.embed_images(images[:2], ["a dog"])

@@ -1,4 +1,8 @@
-"""Command line: `python -m workbench run presets/NAME.yaml --out runs/NAME`."""
+"""Command line: `python -m workbench run presets/NAME.yaml --out runs/NAME`.
+
+`--plugin MODULE` (repeatable; also $WORKBENCH_PLUGINS) imports a module that registers methods or
+metrics; `python -m workbench metrics` lists the registered metrics.
+"""
 
 from __future__ import annotations
 
@@ -106,6 +110,18 @@ def _score(args) -> int:
     return 0
 
 
+def _metrics(args) -> int:
+    """Print every registered metric: how it is labelled, what it measures, which backbone it needs."""
+    from .metrics import METRICS
+
+    columns = ("name", "label", "level", "axis", "direction", "scale", "backbone")
+    rows = [columns] + [(name, *(str(getattr(cls, c)) for c in columns[1:])) for name, cls in sorted(METRICS.items())]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    for row in rows:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import StudyError
     from .models import OFFLOAD_MODES
@@ -124,10 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     score = commands.add_parser("score", help="(re)score an existing run folder without generating")
     score.add_argument("run_dir")
     for command in (run, score):
-        command.add_argument("--metrics", help="comma-separated, default clip_i,clip_t,dino,diversity")
+        command.add_argument("--metrics", help="comma-separated, default clip_i,clip_t,dino,diversity "
+                                               "(`python -m workbench metrics` lists them)")
         command.add_argument("--clip", help="CLIP backbone for clip_i/clip_t: ViT-B-32 (default) or ViT-L-14")
+    metrics = commands.add_parser("metrics", help="list the registered metrics (with --plugin: plugins' too)")
+    for command in (run, score, metrics):
+        command.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                             help="import MODULE first, to register its methods and metrics (repeatable; "
+                                  "also $WORKBENCH_PLUGINS=mod1,mod2)")
     args = parser.parse_args(argv)
     try:
+        from .plugins import load_plugins
+
+        load_plugins(args.plugin)
+        if args.command == "metrics":
+            return _metrics(args)
         if args.command == "run":
             return _run(args)
         if args.command == "score":

@@ -15,12 +15,13 @@ import pandas as pd
 from .stats import DELTA_COLUMNS, delta_text, paired_deltas, verdict
 
 CELL_KEYS = ["method", "weight"]
-METRIC_LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO", "diversity": "diversity"}
 
 
 def metric_label(name: str) -> str:
-    """How a metric is written for people: 'dino' -> 'DINO'."""
-    return METRIC_LABELS.get(name, name)
+    """How a metric is written for people, as its class declares it: 'dino' -> 'DINO' (unknown: the name)."""
+    from .metrics import METRICS  # loads torch: only when a label is asked for
+
+    return getattr(METRICS.get(name), "label", name)
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.Series:

@@ -1,9 +1,14 @@
 """Personalization methods: small classes behind a registry. The runner knows only the protocol.
 
-A method is a frozen dataclass whose fields are its options in the preset. `attach(pipe, study)`
-loads it into a pipeline and returns an Attachment; `call_kwargs(weights)` gives the pipeline
-arguments for a batch (one weight per sample); `release()` leaves the pipeline as it was found.
-Use it through `attached(...)`, which releases even when a batch fails.
+A method is a frozen dataclass whose fields are its options in the preset. Its class says, once
+each, what the app, the spec and the runner need to know about it (see `Method`). `attach(pipe,
+study)` loads it into a pipeline and returns an Attachment; `call_kwargs(weights)` gives the
+pipeline arguments for a batch (one weight per sample); `release()` leaves the pipeline as it was
+found. Use it through `attached(...)`, which releases even when a batch fails. Whether one batch
+may mix weights is known only once the method is loaded (a LoRA with text-encoder layers cannot),
+so the attachment says it: `attachment.per_sample_weights`.
+
+A plugin adds a method by decorating its class with `register_method("kind")` (see README, Plugins).
 
 A method may define `neutral(weight)`: True where, at that weight, the pipeline computes exactly
 what it computes with nothing attached (IP-Adapter at scale 0). Such a cell is the baseline's image,
@@ -16,21 +21,30 @@ import dataclasses
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Iterator, Protocol
 
+from ..registry import register
+
 METHODS: dict[str, type] = {}
 
 
 class Attachment(Protocol):
+    per_sample_weights: bool  # may one call_kwargs(weights) mix different weights? (else one weight per call)
+
     def call_kwargs(self, weights: list[float]) -> dict[str, Any]: ...
     def release(self) -> None: ...
 
 
 class Method(Protocol):
-    kind: ClassVar[str]
+    kind: ClassVar[str]  # set by register_method
+    title: ClassVar[str]  # for people: "IP-Adapter"
+    weight_option: ClassVar[str | None]  # the option naming its weight file ("adapter"); None: it takes none
+    weight_file_kind: ClassVar[str | None]  # what that file is, as the app's model folders name it ("adapter")
     default_weights: ClassVar[tuple[float, ...] | None]  # None: the preset must list weights
+    suggested_weights: ClassVar[tuple[float, ...] | None]  # the app form's first sweep; None: no weight to pick
     weight_range: ClassVar[tuple[float, float]]  # (low, high): other weights are refused when the study loads
-    uses_references: ClassVar[bool]
-    per_sample_weights: ClassVar[bool]  # can one batch mix weights?
+    uses_references: ClassVar[bool]  # is it conditioned on subject.reference_images?
 
+    @classmethod
+    def from_options(cls, options: dict, *, base: str, base_dir, fail: Callable[[str], Exception]) -> "Method": ...
     def render_prompt(self, template: str, subject) -> str: ...
     def options(self) -> dict: ...
     def identity(self) -> dict: ...
@@ -46,11 +60,19 @@ def is_neutral(method, weight: float) -> bool:
     return bool(neutral and neutral(weight))
 
 
+METHOD_ATTRIBUTES = ("title", "weight_option", "weight_file_kind", "default_weights", "suggested_weights",
+                     "weight_range", "uses_references", "from_options", "render_prompt", "options", "identity",
+                     "attach")
+
 
 def register_method(kind: str):
+    """Class decorator: make the method class available to presets as `kind: <kind>`."""
+
     def decorate(cls):
+        if not dataclasses.is_dataclass(cls):  # its fields are its preset options
+            raise TypeError(f"method {kind!r}: decorate a @dataclass(frozen=True) class, below @register_method")
+        register(METHODS, "method", kind, cls, METHOD_ATTRIBUTES, "workbench.methods.Method")
         cls.kind = kind
-        METHODS[kind] = cls
         return cls
 
     return decorate
@@ -80,6 +102,8 @@ def attached(method, pipe, study) -> Iterator[Attachment]:
 
 class NoState:
     """The attachment of a method that leaves nothing on the pipeline."""
+
+    per_sample_weights = True
 
     def call_kwargs(self, weights):
         return {}

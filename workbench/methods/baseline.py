@@ -11,10 +11,12 @@ from .common import fill_prompt
 class Baseline:
     """Text only: the prompt names the class, no identifier token, nothing attached. The control column."""
 
+    title = "Baseline (text only)"
+    weight_option = weight_file_kind = None
     default_weights = (0.0,)
-    weight_range = (0.0, 0.0)  # the baseline has no weight
+    suggested_weights = None  # nothing to pick: the baseline has no weight
+    weight_range = (0.0, 0.0)
     uses_references = False
-    per_sample_weights = True
 
     @classmethod
     def from_options(cls, options, **_):

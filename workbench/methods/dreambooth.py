@@ -21,10 +21,11 @@ class DreamBooth:
 
     checkpoint: object = None  # WeightSource: a diffusers folder / hub id, or a single .safetensors file
 
-    default_weights = (1.0,)
+    title = "DreamBooth"
+    weight_option, weight_file_kind = "checkpoint", "checkpoint"
+    default_weights = suggested_weights = (1.0,)
     weight_range = (0.0, 2.0)  # 0 = base UNet, 1 = fine-tuned, above 1 extrapolates
     uses_references = False
-    per_sample_weights = False
 
     @classmethod
     def from_options(cls, options, *, base, base_dir, fail):
@@ -45,6 +46,8 @@ class DreamBooth:
 
 
 class _DreamBoothAttachment:
+    per_sample_weights = False  # the weight blends the UNet's own parameters: one per pipeline call
+
     def __init__(self, method: DreamBooth, pipe):
         from ..models import load_pipeline_uncached
 

@@ -60,13 +60,12 @@ class IPAdapter:
     adapter: WeightSource | None = None
     block_scales: tuple | None = None  # frozen form of the InstantStyle dict
 
+    title = "IP-Adapter"
+    weight_option, weight_file_kind = "adapter", "adapter"
     default_weights = None
+    suggested_weights = (0.3, 0.5, 0.7)
     weight_range = (0.0, 2.0)  # adapter scale (0 = the baseline's image); also bounds each block_scales value
     uses_references = True
-
-    @property
-    def per_sample_weights(self) -> bool:
-        return self.block_scales is None
 
     @classmethod
     def from_options(cls, options, *, base, base_dir, fail):
@@ -138,6 +137,8 @@ class _IPAdapterAttachment:
     def __init__(self, method: IPAdapter, pipe, study):
         self.pipe = pipe
         self.block_scales = _thaw(method.block_scales) if method.block_scales else None
+        # A per-sample scale multiplies every IP layer alike; per-block scales are set one weight at a time.
+        self.per_sample_weights = self.block_scales is None
         source = method.adapter or DEFAULT_ADAPTERS["sdxl" if _is_sdxl(pipe) else "sd15"]
         repo, subfolder, weight_name = _load_arguments(source)
         try:
@@ -156,6 +157,8 @@ class _IPAdapterAttachment:
             raise
 
     def call_kwargs(self, weights):
+        if len(set(weights)) > 1 and not self.per_sample_weights:
+            raise ValueError("ip_adapter: block_scales take one weight per batch")
         if len(set(weights)) == 1:
             self.pipe.set_ip_adapter_scale(_scaled(self.block_scales, weights[0]) if self.block_scales else weights[0])
         else:

@@ -54,6 +54,8 @@ def remove_lora(pipe, adapter_name: str, study) -> None:
 class BaseLoras:
     """The study-level LoRAs (`lora:` in a preset), attached for the whole run."""
 
+    per_sample_weights = True  # nothing per sample: call_kwargs ignores the weights
+
     def __init__(self, pipe, study):
         self.pipe, self.study = pipe, study
         self.loaded = []
@@ -82,10 +84,12 @@ class Lora:
 
     path: WeightSource | None = None
 
+    title = "Subject LoRA"
+    weight_option, weight_file_kind = "path", "lora"
     default_weights = None
+    suggested_weights = (0.6, 1.0)
     weight_range = (-2.0, 2.0)  # adapter scale; negative subtracts the subject (also the study-level `lora:`)
     uses_references = False
-    per_sample_weights = True  # UNet-only LoRAs mix weights in one pass; see _LoraAttachment.per_sample_weights
 
     @classmethod
     def from_options(cls, options, *, base, base_dir, fail):

@@ -23,10 +23,11 @@ class TextualInversion:
     embedding: object = None  # WeightSource
     token: str = "<subject>"
 
-    default_weights = (1.0,)
+    title = "Textual inversion"
+    weight_option, weight_file_kind = "embedding", "embedding"
+    default_weights = suggested_weights = (1.0,)
     weight_range = (0.0, 2.0)  # multiplies the learned embedding
     uses_references = False
-    per_sample_weights = False
 
     @classmethod
     def from_options(cls, options, *, base, base_dir, fail):
@@ -52,6 +53,8 @@ class TextualInversion:
 
 
 class _TextualInversionAttachment:
+    per_sample_weights = False  # the weight scales the text encoder's embedding rows: one per pipeline call
+
     def __init__(self, method: TextualInversion, pipe):
         self.pipe, self.token = pipe, method.token
         self.encoders = [(pipe.tokenizer, pipe.text_encoder)]

@@ -1,6 +1,13 @@
-"""Image and text encoders the metrics share: loaded once, each image embedded once per backbone.
+"""Backbones: what turns images (and prompts) into the features metrics read; a registry by name.
 
-Every embedding a backbone returns is L2-normalised, so the cosine of two rows is their dot product.
+A backbone is a class registered with `register_backbone("name")`. It says which feature kinds it
+produces and what each reads (`produces = {"clip_image": "image", "clip_text": "prompt"}`), takes
+its configuration as keyword arguments (`ClipBackbone(name=..., pretrained=...)`, plus `device`),
+and returns [N, D] float rows from `features(kind, inputs, batch_size)`. It is loaded once per
+configuration (`load_backbone`), and every image is run through it once.
+
+CLIP and DINO rows are L2-normalised, so the cosine of two rows is their dot product; a backbone
+without learned weights may return any per-image feature (see examples/plugins/brightness.py).
 `pretrained="tiny"` (CLIP) and `model_id="tiny"` (DINO) build a tiny random-weight model from a
 config, save it under the workbench cache and load it back through the very call that loads the real
 weights, so tests run the real loading and preprocessing code offline.
@@ -13,12 +20,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Protocol, Sequence
 
 import torch
 from PIL import Image
 
 from ..models import pick_device
+from ..registry import register
 from ..tiny import TINY_VERSION, _build_once
 
 TINY = "tiny"
@@ -44,11 +52,37 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageBackbone(Protocol):
-    description: str  # what produced the numbers, shown as provenance ("open_clip ViT-B-32 openai")
-    identity: str  # which weights: "sha256:..." (local), "repo@commit" (hub), "tiny-dino-v2" (tiny)
+BACKBONES: dict[str, type] = {}
 
-    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor: ...
+
+class Backbone(Protocol):
+    name: ClassVar[str]  # set by register_backbone
+    produces: ClassVar[Mapping[str, Literal["image", "prompt"]]]  # feature kind -> what it reads
+    description: str  # what produced the numbers, shown as provenance ("open_clip ViT-B-32 openai")
+    identity: str  # which weights: "sha256:..." (local), "repo@commit" (hub), "tiny-dino-v2" (tiny); keys caches
+
+    def __init__(self, *, device: str, **options: Any) -> None: ...
+
+    def features(self, kind: str, inputs: Sequence, batch_size: int = 64) -> torch.Tensor:
+        """[N, D] float rows of `kind` for N inputs (RGB PIL images, or prompt strings), in input order."""
+
+    # Optional: @classmethod local_weights(cls, **options) -> "sha256:..." of local weight files, or None;
+    # load_backbone loads such a backbone again once its files change.
+
+
+def register_backbone(name: str):
+    """Class decorator: make the backbone available to metrics as `backbone = "<name>"`."""
+
+    def decorate(cls):
+        produces = getattr(cls, "produces", None)
+        if produces is not None and (not produces or set(produces.values()) - {"image", "prompt"}):
+            raise TypeError(f"backbone {name!r}: produces must map feature kinds to 'image' or 'prompt', got "
+                            f"{dict(produces)!r}")
+        register(BACKBONES, "backbone", name, cls, ("produces", "features"), "workbench.metrics.Backbone")
+        cls.name = name
+        return cls
+
+    return decorate
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -150,7 +184,7 @@ def _hub_identity(repo: str) -> str:
 
 
 def clip_weights_identity(name: str, pretrained: str) -> str:
-    """What identifies open_clip weights `pretrained` of model `name` (see ImageBackbone.identity)."""
+    """What identifies open_clip weights `pretrained` of model `name` (see Backbone.identity)."""
     import open_clip
 
     if pretrained == TINY:
@@ -165,7 +199,7 @@ def clip_weights_identity(name: str, pretrained: str) -> str:
 
 
 def dino_weights_identity(model_id: str) -> str:
-    """What identifies the DINO weights `model_id` (see ImageBackbone.identity)."""
+    """What identifies the DINO weights `model_id` (see Backbone.identity)."""
     if model_id == TINY:
         return f"tiny-dino-{TINY_VERSION}"
     return local_weights_identity("dino", model_id) or _hub_identity(model_id)
@@ -178,8 +212,11 @@ def trained_with_quick_gelu(name: str, pretrained: str) -> bool:
     return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
 
 
+@register_backbone("clip")
 class ClipBackbone:
     """open_clip model: images and texts into one space; rows are L2-normalised, D = embed_dim."""
+
+    produces = {"clip_image": "image", "clip_text": "prompt"}
 
     def __init__(self, name: str = "ViT-B-32", pretrained: str = "openai", device: str | torch.device = "cpu"):
         import open_clip
@@ -205,6 +242,17 @@ class ClipBackbone:
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(source)
         self.identity = clip_weights_identity(name, pretrained)  # after loading: hub weights are cached now
+
+    @classmethod
+    def local_weights(cls, name: str = "ViT-B-32", pretrained: str = "openai") -> str | None:
+        return local_weights_identity("clip", name, pretrained)
+
+    def features(self, kind: str, inputs: Sequence, batch_size: int = 64) -> torch.Tensor:
+        if kind == "clip_image":
+            return self.embed_images(inputs, batch_size)
+        if kind == "clip_text":
+            return self.embed_texts(inputs)  # texts are cheap: batched by embed_texts' own size
+        raise ValueError(f"clip: no feature {kind!r} (produces {', '.join(self.produces)})")
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
         """[N, D] unit-norm image embeddings, in input order."""
@@ -235,8 +283,11 @@ def dino_preprocess():
     ])
 
 
+@register_backbone("dino")
 class DinoBackbone:
     """Self-supervised ViT (DINO): the CLS token of the last layer; rows are L2-normalised."""
+
+    produces = {"dino_image": "image"}
 
     def __init__(self, model_id: str = "facebook/dino-vits16", device: str | torch.device = "cpu"):
         from transformers import ViTModel
@@ -268,6 +319,15 @@ class DinoBackbone:
         self.preprocess = dino_preprocess()
         self.identity = dino_weights_identity(model_id)  # after loading: hub weights are cached now
 
+    @classmethod
+    def local_weights(cls, model_id: str = "facebook/dino-vits16") -> str | None:
+        return local_weights_identity("dino", model_id)
+
+    def features(self, kind: str, inputs: Sequence, batch_size: int = 64) -> torch.Tensor:
+        if kind != "dino_image":
+            raise ValueError(f"dino: no feature {kind!r} (produces dino_image)")
+        return self.embed_images(inputs, batch_size)
+
     def _cls_token(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
 
@@ -285,21 +345,23 @@ def resolve_device(device: str | torch.device | None) -> str:
 
 
 @lru_cache(maxsize=4)
-def _load_backbone(kind: str, name: str, pretrained: str | None, device: str, local_weights: str | None):
-    if kind == "clip":
-        return ClipBackbone(name, pretrained, device=device)
-    if kind == "dino":
-        return DinoBackbone(name, device=device)
-    raise ValueError(f"unknown backbone kind {kind!r} (known: clip, dino)")
+def _load_backbone(name: str, options: tuple, device: str, local_weights: str | None):
+    return BACKBONES[name](**dict(options), device=device)
 
 
-def load_backbone(kind: str, name: str, pretrained: str | None = None, device: str | torch.device | None = None):
-    """The backbone `kind` ('clip' or 'dino'), loaded once per (kind, name, pretrained, device).
+def load_backbone(name: str, options: Mapping[str, Any] | None = None, device: str | torch.device | None = None):
+    """The backbone registered as `name`, configured by `options` (its keyword arguments, hashable values).
 
-    Local weights are loaded again once their content changes (new weights at the same path).
-    Call `load_backbone.cache_clear()` to drop the loaded models and free their memory.
+    Loaded once per (name, options, device); local weights are loaded again once their content changes
+    (new weights at the same path). Call `load_backbone.cache_clear()` to drop the loaded models and
+    free their memory.
     """
-    return _load_backbone(kind, name, pretrained, resolve_device(device), local_weights_identity(kind, name, pretrained))
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r} (known: {', '.join(BACKBONES)})")
+    options = dict(options or {})
+    local_weights = getattr(BACKBONES[name], "local_weights", None)
+    return _load_backbone(name, tuple(sorted(options.items())), resolve_device(device),
+                          local_weights(**options) if local_weights else None)
 
 
 load_backbone.cache_clear = _load_backbone.cache_clear

@@ -2,35 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import Embeddings, mean_cosine_to_references, register_metric
 
 
 @register_metric("clip_i")
-@dataclass(frozen=True)
 class ClipI:
     """Per generated image: mean cosine between its CLIP image embedding and each reference's.
 
     Cosine in [-1, 1], higher is better: 1 means the same CLIP embedding as every reference.
     """
 
+    label = "CLIP-I"
     axis = "image_fidelity"
     direction = "higher is better"
     scale = "cosine in [-1, 1]"
     level = "image"
-    backbone_kind = "clip"
+    backbone = "clip"
     needs = ("clip_image",)
-    backbone: str = "open_clip ViT-B-32 openai"
 
     def score(self, generated: Embeddings, references: Embeddings) -> torch.Tensor:
         return mean_cosine_to_references(generated, references, "clip_image")
 
 
 @register_metric("clip_t")
-@dataclass(frozen=True)
 class ClipT:
     """Per generated image: cosine between its CLIP image embedding and its prompt's text embedding.
 
@@ -38,13 +34,13 @@ class ClipT:
     [-1, 1], higher is better; real CLIP models give about 0.2-0.35 for matching pairs.
     """
 
+    label = "CLIP-T"
     axis = "prompt_fidelity"
     direction = "higher is better"
     scale = "cosine in [-1, 1]"
     level = "image"
-    backbone_kind = "clip"
+    backbone = "clip"
     needs = ("clip_image", "clip_text")
-    backbone: str = "open_clip ViT-B-32 openai"
 
     def score(self, generated: Embeddings, references: Embeddings) -> torch.Tensor:
         return (generated["clip_image"] * generated["clip_text"]).sum(dim=-1)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import Embeddings, mean_cosine_to_references, register_metric
 
 
 @register_metric("dino")
-@dataclass(frozen=True)
 class Dino:
     """Per generated image: mean cosine between its DINO CLS embedding and each reference's.
 
@@ -18,13 +15,13 @@ class Dino:
     (two different dogs), so it is the stricter identity measure.
     """
 
+    label = "DINO"
     axis = "image_fidelity"
     direction = "higher is better"
     scale = "cosine in [-1, 1]"
     level = "image"
-    backbone_kind = "dino"
+    backbone = "dino"
     needs = ("dino_image",)
-    backbone: str = "transformers facebook/dino-vits16"
 
     def score(self, generated: Embeddings, references: Embeddings) -> torch.Tensor:
         return mean_cosine_to_references(generated, references, "dino_image")

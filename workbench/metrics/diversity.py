@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from . import Embeddings, register_metric
 
 
 @register_metric("diversity")
-@dataclass(frozen=True)
 class Diversity:
     """Per group of images: mean over pairs of (1 - cosine) of their DINO CLS embeddings.
 
@@ -16,13 +13,13 @@ class Diversity:
     group of one image, which has no pairs.
     """
 
+    label = "diversity"
     axis = "diversity"
     direction = "higher is better"
     scale = "1 - cosine in [0, 2]"
     level = "group"
-    backbone_kind = "dino"
+    backbone = "dino"
     needs = ("dino_image",)
-    backbone: str = "transformers facebook/dino-vits16"
 
     def score_group(self, generated: Embeddings) -> float:
         rows = generated["dino_image"]

@@ -1,20 +1,15 @@
-"""Scoring a grid: embed every image once per backbone, then derive every metric from the embeddings."""
+"""Scoring images: run each image through each needed backbone once, then derive every metric."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-import pandas as pd
 import torch
 from PIL import Image
 
 from ..images import _to_8bit_rgb
 from . import Embeddings, get_metric
-from .backbones import load_backbone
-
-RECORD_KEYS = ("prompt", "method", "weight", "seed", "clip_prompt")
-GROUP_KEYS = ["prompt", "method", "weight"]  # a diversity group: the seeds of one cell of the grid
-SCORE_COLUMNS = ["prompt", "method", "weight", "seed", "metric", "value"]
+from .backbones import BACKBONES, load_backbone
 
 
 def _rgb_images(images: Sequence[Image.Image]) -> list[Image.Image]:
@@ -22,15 +17,13 @@ def _rgb_images(images: Sequence[Image.Image]) -> list[Image.Image]:
     return [image if image.mode == "RGB" else _to_8bit_rgb(image) for image in images]
 
 
-def _select_rows(embeddings: Embeddings, positions: list[int]) -> dict[str, torch.Tensor]:
-    return {kind: rows[positions] for kind, rows in embeddings.items()}
-
-
 class Scorer:
     """Scores generated images against reference images and prompts with the chosen metrics.
 
     clip: (open_clip model name, pretrained tag or file); ("ViT-B-32", "tiny") is the tiny test model.
     dino: transformers model id or folder; "tiny" is the tiny test model.
+    backbone_options: {backbone name: its keyword arguments}, for any registered backbone (a plugin's
+    among them); for "clip" and "dino" it overrides `clip` and `dino`.
     device: None picks $WORKBENCH_DEVICE, else cuda when present, else cpu.
     Only the backbones the chosen metrics need are loaded, once, through `load_backbone`.
     """
@@ -42,15 +35,17 @@ class Scorer:
         dino: str = "facebook/dino-vits16",
         device: str | torch.device | None = None,
         batch_size: int = 64,
+        backbone_options: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         classes = [get_metric(name) for name in metrics]  # unknown names fail before any loading
+        _check_backbones(classes)
+        options = {"clip": {"name": clip[0], "pretrained": clip[1]}, "dino": {"model_id": dino},
+                   **(backbone_options or {})}
+        needed = {cls.backbone for cls in classes}
         self.batch_size = batch_size
-        self.backbones = {}
-        if any(cls.backbone_kind == "clip" for cls in classes):
-            self.backbones["clip"] = load_backbone("clip", clip[0], clip[1], device)
-        if any(cls.backbone_kind == "dino" for cls in classes):
-            self.backbones["dino"] = load_backbone("dino", dino, None, device)
-        self.metrics = [cls(backbone=self.backbones[cls.backbone_kind].description) for cls in classes]
+        # In registry order, so the same metrics load (and embed) in the same order whatever order they are named in.
+        self.backbones = {name: load_backbone(name, options.get(name), device) for name in BACKBONES if name in needed}
+        self.metrics = [cls() for cls in classes]
         self.image_metrics = [metric for metric in self.metrics if metric.level == "image"]
         self.group_metrics = [metric for metric in self.metrics if metric.level == "group"]
         self._needs = {kind for metric in self.metrics for kind in metric.needs}
@@ -59,40 +54,46 @@ class Scorer:
         """metric name -> {axis, direction, backbone, scale}: how to read each number."""
         return {
             metric.name: {"axis": metric.axis, "direction": metric.direction,
-                          "backbone": metric.backbone, "scale": metric.scale}
+                          "backbone": self.backbones[metric.backbone].description, "scale": metric.scale}
             for metric in self.metrics
         }
 
     def identity(self) -> dict[str, str]:
-        """backbone kind -> which weights it holds (a hash, hub id@commit, or tiny version)."""
-        return {kind: backbone.identity for kind, backbone in self.backbones.items()}
+        """backbone name -> which weights it holds (a hash, hub id@commit, or tiny version)."""
+        return {name: backbone.identity for name, backbone in self.backbones.items()}
+
+    def _kinds(self, reads: str) -> list[tuple[str, Any]]:
+        return [(kind, backbone) for backbone in self.backbones.values()
+                for kind, source in backbone.produces.items() if source == reads]
 
     def embed_references(self, references: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        """{'clip_image'|'dino_image': [R, D] unit-norm rows} of the reference images ({} for none).
+        """{image feature kind ('clip_image', 'dino_image', ...): [R, D] rows} of the references ({} for none).
 
-        Embed the references once per study and pass the result to every `score_images` call.
+        Every image feature of every loaded backbone. Embed the references once per study and pass
+        the result to every `score_images` / `score_embedded` call.
         """
         if not references:
             return {}
         references = _rgb_images(references)
-        return {
-            f"{kind}_image": backbone.embed_images(references, self.batch_size)
-            for kind, backbone in self.backbones.items()
-        }
+        return {kind: backbone.features(kind, references, self.batch_size) for kind, backbone in self._kinds("image")}
 
     def embed_images(self, images: Sequence[Image.Image], prompts: Sequence[str] | None) -> dict[str, torch.Tensor]:
-        """{embedding kind: [N, D]} of generated images (and their prompts), each image embedded once."""
+        """{feature kind: [N, D]} of generated images (and their prompts) that the metrics read.
+
+        Each image goes through each backbone once; `prompts[i]` is image i's prompt, needed only by
+        prompt features (clip_text: the prompt with its identifier token removed).
+        """
         images = _rgb_images(images)
-        embeddings = {
-            f"{kind}_image": backbone.embed_images(images, self.batch_size)
-            for kind, backbone in self.backbones.items()
-            if f"{kind}_image" in self._needs
-        }
-        if "clip_text" in self._needs:
+        embeddings = {kind: backbone.features(kind, images, self.batch_size)
+                      for kind, backbone in self._kinds("image") if kind in self._needs}
+        for kind, backbone in self._kinds("prompt"):
+            if kind not in self._needs:
+                continue
             if prompts is None or len(prompts) != len(images):
-                raise ValueError(f"clip_t needs one prompt per image: got {len(images)} images and "
+                readers = ", ".join(metric.name for metric in self.metrics if kind in metric.needs)
+                raise ValueError(f"{readers} needs one prompt per image: got {len(images)} images and "
                                  f"{'no' if prompts is None else len(prompts)} prompts")
-            embeddings["clip_text"] = self.backbones["clip"].embed_texts(list(prompts))
+            embeddings[kind] = backbone.features(kind, list(prompts), self.batch_size)
         return embeddings
 
     def score_embedded(self, generated: Embeddings, references: Embeddings) -> dict[str, torch.Tensor]:
@@ -110,36 +111,15 @@ class Scorer:
             return {metric.name: torch.empty(0) for metric in self.image_metrics}
         return self.score_embedded(self.embed_images(images, prompts), references_embedding)
 
-    def score_frame(
-        self, records: Sequence[dict], images: Sequence[Image.Image], references: Sequence[Image.Image]
-    ) -> pd.DataFrame:
-        """Long table `prompt, method, weight, seed, metric, value`.
 
-        One row per image per per-image metric, in input order; then one row per (prompt, method,
-        weight) group per group metric, with `seed` missing (<NA>). `records[i]` describes
-        `images[i]`: keys prompt, method, weight, seed, clip_prompt (the text for CLIP-T).
-        """
-        if len(records) != len(images):
-            raise ValueError(f"score_frame: {len(records)} records for {len(images)} images")
-        for index, record in enumerate(records):
-            missing = [key for key in RECORD_KEYS if key not in record]
-            if missing:
-                raise ValueError(f"score_frame: records[{index}] lacks {', '.join(missing)} (needs {RECORD_KEYS})")
-        cells = pd.DataFrame([{key: record[key] for key in RECORD_KEYS} for record in records],
-                             columns=list(RECORD_KEYS))
-        frames = []
-        if len(cells):
-            generated = self.embed_images(images, cells["clip_prompt"].tolist())
-            per_image = self.score_embedded(generated, self.embed_references(references))
-            for name, values in per_image.items():
-                frames.append(cells[["prompt", "method", "weight", "seed"]].assign(metric=name, value=values.numpy()))
-            group_rows = [
-                dict(zip(GROUP_KEYS, key), seed=None, metric=metric.name,
-                     value=metric.score_group(_select_rows(generated, group.index.to_list())))
-                for metric in self.group_metrics
-                for key, group in cells.groupby(GROUP_KEYS, sort=False, dropna=False)
-            ]
-            if group_rows:
-                frames.append(pd.DataFrame(group_rows))
-        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCORE_COLUMNS)
-        return frame[SCORE_COLUMNS].astype({"weight": "float64", "seed": "Int64", "value": "float64"})
+def _check_backbones(classes) -> None:
+    """Each metric's backbone is registered and produces every feature the metric reads."""
+    for cls in classes:
+        backbone = BACKBONES.get(cls.backbone)
+        if backbone is None:
+            raise ValueError(f"metric {cls.name!r} needs backbone {cls.backbone!r}, which is not registered "
+                             f"(known: {', '.join(BACKBONES)}); load the plugin that registers it")
+        missing = [kind for kind in cls.needs if kind not in backbone.produces]
+        if missing:
+            raise ValueError(f"metric {cls.name!r} reads {', '.join(missing)}, which backbone {cls.backbone!r} "
+                             f"does not produce (it produces {', '.join(backbone.produces)})")

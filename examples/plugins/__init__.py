@@ -1,0 +1,1 @@
+"""Example plugins: `--plugin examples.plugins.NAME` (run from the repository root)."""
