@@ -11,9 +11,10 @@ import torch
 from conftest import tiny_study
 from PIL import Image
 
+from workbench.cache import read_png_metadata
 from workbench.images import load_image
-from workbench.runner import read_png_metadata, run_study
-from workbench.scoring import ScoringSpec, load_scorer
+from workbench.run_scores import ScoringSpec, load_scorer
+from workbench.runner import run_study
 from workbench.spec import parse_study
 
 

@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, tiny_study
 from PIL import Image
 
-from workbench.runner import read_png_metadata, run_study
+from workbench.cache import read_png_metadata
+from workbench.runner import run_study
 from workbench.tiny import TINY_VERSION
 from workbench.spec import load_study, parse_study
 

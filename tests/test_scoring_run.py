@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import REPO, tiny_study
 
+from workbench.run_scores import RunScores, ScoringSpec, load_scorer
 from workbench.runner import run_study
-from workbench.scoring import RunScores, ScoringSpec, load_scorer
 from workbench.spec import parse_study
 
 METHODS = [{"kind": "baseline"}, {"kind": "ip_adapter", "adapter": "tiny", "weights": [0.5, 1.0]},

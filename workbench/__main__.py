@@ -35,7 +35,7 @@ def _warn_long_prompts(study) -> None:
 
 
 def _scoring(study, args):
-    from .scoring import ScoringSpec
+    from .run_scores import ScoringSpec
 
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     return ScoringSpec.for_study(study, metrics=metrics, clip=args.clip)
@@ -95,24 +95,11 @@ def _print_variance(scores) -> None:
 
 
 def _score(args) -> int:
-    import json
-
-    from .errors import StudyError
-    from .runner import run_study
-    from .spec import parse_study
+    from .runner import score_run, study_of_run
 
     run_dir = Path(args.run_dir)
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise StudyError(f"{run_dir}: no manifest.json here; is it a run folder written by `workbench run`?")
-    try:
-        data = json.loads(manifest_path.read_text())["study"]
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
-        raise StudyError(f"{manifest_path} is damaged (no readable study in it); run the study again with "
-                         f"`python -m workbench run PRESET --out {run_dir}`, which rewrites it") from None
-    # an exported run's manifest names its references relative to the folder
-    study = parse_study(data, source=str(manifest_path), base_dir=run_dir)
-    result = run_study(study, run_dir, generate=False, scoring=_scoring(study, args), show_progress_bar=False)
+    study = study_of_run(run_dir)
+    result = score_run(study, run_dir, scoring=_scoring(study, args))
     print(f"{study.name}: rescored {len(result.results)}/{len(study.cells())} cells -> {run_dir}")
     _print_scores(result)
     return 0
