@@ -169,7 +169,7 @@ class ScoreTable:
         if count:
             cells = pd.DataFrame({column: values[:count] for column, values in self._cells.items()})
             frames = [cells.assign(metric=name, value=np.asarray(values[:count], dtype=self._dtypes[name]))
-                      for name, values in self._values.items()]
+                      for name, values in list(self._values.items())]
         group_rows = [row for rows in list(self._groups.values()) for row in list(rows)]
         if group_rows:
             frames.append(pd.DataFrame(group_rows))
