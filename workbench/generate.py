@@ -54,8 +54,8 @@ def mixes_weights(study: Study, cells: list[Cell], attachment) -> bool:
     The attachment knows, once loaded (a LoRA with text-encoder layers cannot). This is the only
     place that asks; attachments that do not declare it yet fall back to their method's class.
     """
-    method = study.methods[cells[0].method_index].method
-    return getattr(attachment, "per_sample_weights", method.per_sample_weights)
+    declared = getattr(attachment, "per_sample_weights", None)  # after the registry merge: always declared
+    return declared if declared is not None else study.methods[cells[0].method_index].method.per_sample_weights
 
 
 def batches(cells: list[Cell], mixes: bool, batch_size: int) -> Iterator[list[Cell]]:
