@@ -16,9 +16,11 @@ def main() -> None:
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 to serve a LAN)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860 or $GRADIO_SERVER_PORT)")
     parser.add_argument("--queue-size", type=int, default=16, help="jobs that may wait for the GPU")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE to add its methods or metrics (repeatable; also $WORKBENCH_PLUGINS)")
     parser.add_argument("--share", action="store_true", help="also serve through a gradio.live link")
     args = parser.parse_args()
-    config = default_config(args.preset, args.public, queue_size=args.queue_size)
+    config = default_config(args.preset, args.public, queue_size=args.queue_size, plugins=tuple(args.plugin))
     demo = build_app(config)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share or None, **launch_options(config))
 

@@ -35,10 +35,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from workbench.generate import default_batch_size  # noqa: E402
 from workbench.images import load_image  # noqa: E402
 from workbench.models import LoadedBase, load_base, make_scheduler  # noqa: E402
-from workbench.runner import default_batch_size, run_study  # noqa: E402
-from workbench.scoring import ScoringSpec, load_scorer  # noqa: E402
+from workbench.run_scores import ScoringSpec, load_scorer  # noqa: E402
+from workbench.runner import run_study  # noqa: E402
 from workbench.spec import parse_study  # noqa: E402
 
 REFERENCE = REPO / "assets" / "chelsea.png"

@@ -13,7 +13,8 @@ import torch
 from conftest import tiny_study
 
 from workbench.methods import attached
-from workbench.runner import BatchFit, _generate, run_study
+from workbench.generate import BatchFit, generate_batch
+from workbench.runner import run_study
 from workbench.spec import parse_study
 
 FLOAT_TOLERANCE = 1e-5  # max |batched - single| of the float image in [0, 1]; measured 1.7e-6
@@ -29,9 +30,9 @@ def sweep(pipe, study, method_index=0, batch=True) -> dict:
     cells = [c for c in study.cells() if c.method_index == method_index]
     with attached(spec.method, pipe, study) as attachment:
         if batch:
-            images, _ = _generate(pipe, study, cells, attachment, None, output_type="np")
+            images, _ = generate_batch(pipe, study, cells, attachment, None, output_type="np")
         else:
-            images = [_generate(pipe, study, [c], attachment, None, output_type="np")[0][0] for c in cells]
+            images = [generate_batch(pipe, study, [c], attachment, None, output_type="np")[0][0] for c in cells]
     return {(c.weight, c.seed): image for c, image in zip(cells, images)}
 
 
@@ -124,7 +125,7 @@ def test_lora_with_text_encoder_layers_runs_one_weight_per_call(tiny_base, tmp_p
         assert not attachment.per_sample_weights
         with pytest.raises(ValueError, match="one weight per batch"):
             attachment.call_kwargs([0.5, 1.0])
-    # _generate splits the mixed batch by weight, so the sweep still equals its cells one at a time.
+    # generate_batch splits the mixed batch by weight, so the sweep still equals its cells one at a time.
     assert_close(sweep(tiny_base.pipe, study), sweep(tiny_base.pipe, study, batch=False))
 
 
@@ -195,7 +196,7 @@ def test_batch_fit_splits_a_batch_into_calls_of_its_size(tiny_base, monkeypatch)
     sizes = fail_when_larger_than(100, monkeypatch, tiny_base.pipe)
     study = parse_study(tiny_study(seeds=[0, 1, 2], methods=[LORA]))
     with attached(study.methods[0].method, tiny_base.pipe, study) as attachment:
-        images, _ = _generate(tiny_base.pipe, study, study.cells(), attachment, None, BatchFit(4))
+        images, _ = generate_batch(tiny_base.pipe, study, study.cells(), attachment, None, BatchFit(4))
     assert len(images) == 9 and sizes == [4, 4, 1]
 
 

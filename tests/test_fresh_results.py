@@ -11,9 +11,10 @@ import torch
 from conftest import tiny_study
 from PIL import Image
 
+from workbench.cache import read_png_metadata
 from workbench.images import load_image
-from workbench.runner import read_png_metadata, run_study
-from workbench.scoring import ScoringSpec, load_scorer
+from workbench.run_scores import ScoringSpec, load_scorer
+from workbench.runner import run_study
 from workbench.spec import parse_study
 
 
@@ -252,7 +253,7 @@ def test_the_cli_warns_once_per_prompt_longer_than_77_tokens(tmp_path, capsys):
     preset = tmp_path / "long.yaml"
     preset.write_text(yaml.safe_dump(tiny_study(seeds=[0, 1], prompts=["a photo of a {subject} {class}", LONG_PROMPT])))
     assert main(["run", str(preset), "--out", str(tmp_path / "run"), "--no-score"]) == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "77" in line]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:") and "77" in line]
     assert len(warnings) == 1 and "prompts[1]" in warnings[0] and "truncat" in warnings[0]
 
 
@@ -272,5 +273,5 @@ def test_the_cli_warns_when_the_negative_prompt_is_longer_than_77_tokens(tmp_pat
     preset = tmp_path / "long_negative.yaml"
     preset.write_text(yaml.safe_dump(tiny_study(seeds=[0], negative_prompt=LONG_PROMPT)))
     assert main(["run", str(preset), "--out", str(tmp_path / "run"), "--no-score"]) == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "77" in line]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:") and "77" in line]
     assert len(warnings) == 1 and "negative_prompt" in warnings[0] and "truncat" in warnings[0]

@@ -168,7 +168,7 @@ def scored_run(scorer, images, run_dir):
 
     from conftest import REPO, tiny_study
 
-    from workbench.scoring import RunScores
+    from workbench.run_scores import RunScores
     from workbench.spec import parse_study
 
     study = parse_study(tiny_study(
@@ -348,7 +348,7 @@ def test_tiny_backbones_are_the_same_wherever_they_are_built(tmp_path, monkeypat
 def test_scores_are_empty_for_no_images(scorer, references, tmp_path):
     from conftest import tiny_study
 
-    from workbench.scoring import SCORE_COLUMNS, RunScores
+    from workbench.run_scores import SCORE_COLUMNS, RunScores
     from workbench.spec import parse_study
 
     scores = scorer.score_images([], [], scorer.embed_references(references))

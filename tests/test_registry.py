@@ -180,3 +180,31 @@ def test_the_front_door_exports_the_public_api():
     assert workbench.run_study is run_study
     with pytest.raises(AttributeError):
         workbench.no_such_thing
+
+
+def test_a_plugin_method_and_metric_appear_in_the_app_form_and_table(tmp_path, monkeypatch, tiny_base):
+    from workbench.app import AppConfig, Workbench
+    from workbench.app.config import TINY_PRESET
+
+    monkeypatch.setenv("WORKBENCH_PLUGINS", FIXTURE)  # the app loads its plugins itself
+    with restored_registries(FIXTURE):
+        app = Workbench(AppConfig(preset=TINY_PRESET, runs_dir=tmp_path / "runs"))
+        app.build()
+        check_app_shows_the_plugin(app, tmp_path, tiny_base)
+
+
+def check_app_shows_the_plugin(app, tmp_path, tiny_base):
+    from workbench.app.views import disk_views
+    from workbench.runner import run_study
+    from workbench.run_scores import ScoringSpec
+    from workbench.spec import parse_study
+
+    rows = {row.kind: row for row in app.form.methods}
+    assert rows["token_only"].title == "Token only (no weights)" and rows["token_only"].weights is None
+    assert [row.kind for row in app.form.methods][:5] == ["baseline", "ip_adapter", "lora", "textual_inversion",
+                                                         "dreambooth"]
+
+    study = parse_study(tiny_study(methods=[{"kind": "baseline"}, {"kind": "token_only"}]))
+    run_study(study, tmp_path / "run", loaded=tiny_base, show_progress_bar=False,
+              scoring=ScoringSpec.for_study(study, metrics=("clip_t", "dino", "seed_spread")))
+    assert "seed spread" in disk_views(tmp_path / "run", "dino").table.columns

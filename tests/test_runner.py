@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, tiny_study
 from PIL import Image
 
-from workbench.runner import read_png_metadata, run_study
+from workbench.cache import read_png_metadata
+from workbench.runner import run_study
 from workbench.tiny import TINY_VERSION
 from workbench.spec import load_study, parse_study
 
@@ -264,3 +265,30 @@ def test_cli_refuses_an_unknown_offload_mode(tmp_path):
     command = [sys.executable, "-m", "workbench", "run", str(REPO / "presets/tiny.yaml"), "--offload", "disk"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2 and "argument --offload: invalid choice: 'disk'" in done.stderr
+
+
+def count_cells_csv_writes(monkeypatch) -> list:
+    from workbench import report
+
+    writes, write = [], report.write_cells_csv
+    monkeypatch.setattr(report, "write_cells_csv", lambda *a, **k: writes.append(1) or write(*a, **k))
+    return writes
+
+
+def test_cells_csv_is_written_once_per_run_not_after_every_batch(tmp_path, tiny_base, monkeypatch):
+    writes = count_cells_csv_writes(monkeypatch)
+    study = parse_study(tiny_study(seeds=[0, 1, 2], methods=[{"kind": "baseline"},
+                                                              {"kind": "lora", "path": "tiny", "weights": [1.0]}]))
+    result = run_study(study, tmp_path, loaded=tiny_base, batch_size=1, show_progress_bar=False, score=False)
+    assert result.generated == 6 and writes == [1]  # six batches, one write
+    assert len(pd.read_csv(tmp_path / "cells.csv")) == 6
+
+
+def test_a_stopped_run_writes_cells_csv_once_with_its_finished_cells(tmp_path, tiny_base, monkeypatch):
+    writes = count_cells_csv_writes(monkeypatch)
+    done = []
+    result = run_study(parse_study(tiny_study(seeds=[0, 1, 2])), tmp_path, loaded=tiny_base, batch_size=1,
+                       show_progress_bar=False, score=False, progress=lambda event: done.append(event.cell),
+                       should_stop=lambda: len(done) >= 2)
+    assert result.stopped and writes == [1]
+    assert list(pd.read_csv(tmp_path / "cells.csv")["seed"]) == [0, 1]

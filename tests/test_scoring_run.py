@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import REPO, tiny_study
 
+from workbench.run_scores import RunScores, ScoringSpec, load_scorer
 from workbench.runner import run_study
-from workbench.scoring import RunScores, ScoringSpec, load_scorer
 from workbench.spec import parse_study
 
 METHODS = [{"kind": "baseline"}, {"kind": "ip_adapter", "adapter": "tiny", "weights": [0.5, 1.0]},
@@ -164,3 +164,56 @@ def test_unknown_metric_is_refused_before_generating(tmp_path, tiny_base):
     with pytest.raises(StudyError, match=r"metrics: unknown metric 'fid'"):
         run_study(study, tmp_path, loaded=tiny_base, scoring=ScoringSpec(("fid",)), show_progress_bar=False)
     assert not list(tmp_path.glob("images/*/*.png"))
+
+
+def test_the_score_table_grows_by_appending_the_rows_of_each_batch(tmp_path, tiny_base, monkeypatch):
+    from workbench.run_scores import ScoreTable
+
+    added, grouped = [], []
+    add, set_group = ScoreTable.add, ScoreTable.set_group
+    monkeypatch.setattr(ScoreTable, "add", lambda self, cells, *a: added.append(list(cells)) or add(self, cells, *a))
+    monkeypatch.setattr(ScoreTable, "set_group", lambda self, m, group, row: grouped.append(group)
+                        or set_group(self, m, group, row))
+    study = parse_study(tiny_study(seeds=[0, 1, 2], methods=METHODS[:2]))  # 9 cells, batches of one
+    frames = []
+    run_study(study, tmp_path, loaded=tiny_base, batch_size=1, show_progress_bar=False,
+              progress=lambda event: frames.append(event.run.scores))
+    # Each batch builds the rows of its own cell and rewrites one seed group; nothing earlier is rebuilt.
+    assert [len(cells) for cells in added] == [1] * 9 and len({c for cells in added for c in cells}) == 9
+    assert len(grouped) == 9 and len(set(grouped)) == 3
+    per_image = [frame.dropna(subset=["key"]).set_index(["key", "metric"])["value"] for frame in frames]
+    assert [len(values) for values in per_image] == [3 * n for n in range(1, 10)]
+    for earlier, later in zip(per_image, per_image[1:]):
+        assert later.loc[earlier.index].equals(earlier)  # earlier rows are left as they were
+
+
+def test_a_table_appended_batch_by_batch_equals_one_scored_in_one_pass(scored_run, tmp_path):
+    import shutil
+
+    run_dir = shutil.copytree(scored_run.run_dir, tmp_path / "run")
+    scorer = load_scorer(ScoringSpec.for_study(scored_run.study))
+    appended, at_once = RunScores(scorer, scored_run.study, run_dir), RunScores(scorer, scored_run.study, run_dir)
+    for result in scored_run.results:
+        appended.add([result])
+    at_once.add(scored_run.results)
+    appended.finish()
+    pd.testing.assert_frame_equal(appended.frame(), at_once.frame(), check_exact=True)
+
+
+def test_score_run_scores_a_run_folder_without_generating(scored_run, tmp_path):
+    import shutil
+
+    from workbench.runner import score_run
+
+    run_dir = shutil.copytree(scored_run.run_dir, tmp_path / "run")
+    (run_dir / "scores.csv").unlink()
+    images = {p: p.stat().st_mtime_ns for p in run_dir.glob("images/*/*.png")}
+    spec = ScoringSpec.for_study(scored_run.study, metrics=["clip_i", "dino"])
+    result = score_run(run_dir, scoring=spec)  # the study comes from the folder's manifest.json
+    assert result.generated == 0 and result.complete and not result.stats
+    assert {p: p.stat().st_mtime_ns for p in run_dir.glob("images/*/*.png")} == images
+    scores = pd.read_csv(run_dir / "scores.csv")
+    assert set(scores["metric"]) == {"clip_i", "dino"} and len(scores) == 2 * 16
+    before = scored_run.scores.set_index(["key", "metric"])["value"]
+    after = result.scores.set_index(["key", "metric"])["value"]
+    assert after.to_numpy() == pytest.approx(before.loc[after.index].to_numpy(), abs=1e-6)

@@ -100,7 +100,7 @@ def test_a_literal_identifier_in_a_prompt_is_refused():
 
 
 def test_a_clip_choice_for_a_tiny_study_is_refused():
-    from workbench.scoring import ScoringSpec
+    from workbench.run_scores import ScoringSpec
 
     study = parse_study(tiny_study())
     with pytest.raises(StudyError, match="clip: a tiny study scores with tiny random CLIP"):

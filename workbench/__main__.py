@@ -39,7 +39,7 @@ def _warn_long_prompts(study) -> None:
 
 
 def _scoring(study, args):
-    from .scoring import ScoringSpec
+    from .run_scores import ScoringSpec
 
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     return ScoringSpec.for_study(study, metrics=metrics, clip=args.clip)
@@ -100,11 +100,11 @@ def _print_variance(scores) -> None:
 
 def _score(args) -> int:
     from .run_folder import RunFolder
-    from .runner import run_study
+    from .runner import score_run
 
     run_dir = Path(args.run_dir)
     study = RunFolder(run_dir).study()  # an exported run's manifest names its references relative to the folder
-    result = run_study(study, run_dir, generate=False, scoring=_scoring(study, args), show_progress_bar=False)
+    result = score_run(study, run_dir, scoring=_scoring(study, args))
     print(f"{study.name}: rescored {len(result.results)}/{len(study.cells())} cells -> {run_dir}")
     _print_scores(result)
     return 0

@@ -173,7 +173,7 @@ class JobStream:
 def why_unscored(study: Study) -> str | None:
     """None when the study's scoring backbones load; else why not (a job then runs unscored)."""
     from .models import pick_device
-    from .scoring import ScoringSpec, load_scorer
+    from .run_scores import ScoringSpec, load_scorer
 
     try:
         load_scorer(ScoringSpec.for_study(study), pick_device())

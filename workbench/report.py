@@ -16,6 +16,7 @@ from PIL import Image
 from .files import atomic_write
 from .grid import grid_layout, make_grid
 from .images import load_image
+from .run_scores import GROUP_COLUMNS, SCORING_COST_FILE
 from .weights import source_identity
 
 LIBRARIES = ("torch", "diffusers", "transformers", "open_clip_torch", "peft", "accelerate", "safetensors",
@@ -57,9 +58,6 @@ def write_cells_csv(study, run_dir: Path, results, scores: pd.DataFrame | None =
             frame = frame.merge(previous[["key", *extra]].drop_duplicates("key"), on="key", how="left")
     _atomic_csv(frame, path)
     return frame
-
-
-GROUP_COLUMNS = ["prompt_index", "method", "weight"]  # a group metric's cell group: the seeds of one cell
 
 
 # Text a spreadsheet would run as a formula (OWASP CSV injection); a leading ' escapes it, and is
@@ -274,8 +272,6 @@ def scoring_cost(result, earlier_runs: list) -> dict:
     (once per process) and embedding the references (once per study) are left out. Generation
     seconds per image come from this run, else from the latest earlier run that generated images.
     """
-    from .scoring import SCORING_COST_FILE
-
     cost_path = result.run_dir / "scores" / SCORING_COST_FILE
     embedded = read_previous_json(cost_path).get("images_embedded")
     generated = [(s.images, s.seconds) for s in result.stats.values()]

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import StudyError
 from .images import load_image
 from .safe_yaml import load_yaml, read_study_file
-from .weights import WeightSource, parse_weight_source, source_identity
+from .text import TEXT_LIMITS, fill, source_text
+from .weights import WeightSource, parse_weight_source
 
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MAX_CELLS = 1000
@@ -26,8 +24,6 @@ MAX_STEPS = 1000  # num_train_timesteps of the SD1.5 and SDXL schedulers; DDIM r
 MAX_SIDE = 2048  # px per side (SDXL is trained at 1024); a multiple of 8, the VAE's downsampling
 GUIDANCE_RANGE = (1.0, 100.0)  # diffusers applies classifier-free guidance above 1; 1 (or less) is CFG off
 MAX_CELLS_LIMIT = 1_000_000
-TEXT_LIMITS = {"name": 200, "description": 5000, "prompt": 1000, "negative_prompt": 1000, "token": 100,
-               "class_noun": 100, "label": 100}  # characters
 
 
 @dataclass(frozen=True)
@@ -95,13 +91,13 @@ class Study:
 
     def scoring_prompt(self, template: str) -> str:
         """The prompt with the identifier token removed, naming only the class (for CLIP-T)."""
-        return _fill(template, "", self.subject.class_noun)
+        return fill(template, "", self.subject.class_noun)
 
     def to_dict(self) -> dict:
         """The resolved spec, as written to manifest.json and accepted back by parse_study."""
         return {
             "name": self.name, "description": self.description, "base": self.base,
-            "lora": [{"path": _source_text(l.source), "weight": l.weight} for l in self.loras],
+            "lora": [{"path": source_text(l.source), "weight": l.weight} for l in self.loras],
             "subject": {"reference_images": list(self.subject.reference_images), "token": self.subject.token,
                         "class_noun": self.subject.class_noun},
             "prompts": list(self.prompts), "seeds": list(self.seeds), "steps": self.steps,
@@ -121,42 +117,6 @@ class Cell:
     method_index: int
     weight: float
     seed: int
-
-
-def _fill(template: str, token: str, class_noun: str) -> str:
-    text = template.replace("{subject}", token).replace("{class}", class_noun)
-    return " ".join(text.split())
-
-
-def _source_text(source: WeightSource) -> str:
-    text = source.repo + (f"@{source.revision}" if source.revision else "")
-    return text + (f":{source.filename}" if source.filename else "")
-
-
-def source_key(study: Study, cell: Cell, *, device: str, base_identity: dict) -> str:
-    """Hash of everything that determines a cell's image: the cache key of its PNG."""
-    from .methods import NEUTRAL_IDENTITY, is_neutral
-
-    method = study.methods[cell.method_index].method
-    neutral = is_neutral(method, cell.weight)  # neutral cells all share the baseline's key
-    uses_references = method.uses_references and not neutral
-    payload = {
-        "v": 1,
-        "base": base_identity,
-        "loras": [[source_identity(l.source), l.weight] for l in study.loras],
-        "method": NEUTRAL_IDENTITY if neutral else method.identity(),
-        "references": [_file_sha(p) for p in study.subject.reference_images] if uses_references else None,
-        "prompt": study.render_prompt(cell), "negative_prompt": study.negative_prompt,
-        "weight": 0.0 if neutral else cell.weight, "seed": cell.seed, "steps": study.steps, "guidance": study.guidance,
-        "size": list(study.size), "scheduler": study.scheduler, "dtype": study.dtype, "device": device,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _file_sha(path: str) -> str:
-    from .weights import sha256_file
-
-    return sha256_file(path)
 
 
 # ---------------------------------------------------------------- loading

@@ -28,33 +28,33 @@ BASE_FOLDER, LORA_FOLDER = "checkpoints", "loras"  # under models/; base checkpo
 
 
 @dataclass(frozen=True)
-class MethodForm:
-    """What the form needs of a method kind that its registry entry does not say (yet)."""
+class WeightFiles:
+    """Where the app finds the weight files of one kind (a method's `weight_file_kind`) and what it offers besides."""
 
-    title: str
-    option: str | None = None  # the option naming its weights file
-    folder: str | None = None  # models/<folder>/ offers files for that option
-    weights: str = "1.0"  # the weights the form starts with ("": the kind has no weight)
+    folder: str  # models/<folder>/ offers its .safetensors files (and diffusers folders)
     known: tuple = (("tiny", "tiny"),)  # (label, value) offered besides the files found
     unset: str = ""  # what the option's dropdown shows for a study that does not set it
 
 
-# The one hand-written table of method kinds in the app: the lead switches these to the methods'
-# own class attributes (title, weight option, default weights) once the registry declares them.
-# A kind missing here (a plugin) gets its class's `title` and `default_weights`, and no option.
-METHOD_FORMS = {
-    "baseline": MethodForm("Baseline (text only)", weights=""),
-    "ip_adapter": MethodForm("IP-Adapter", "adapter", "ip_adapter", "0.3, 0.5, 0.7", known=(
+# The app's one table about weight files: the folder each kind lives in (ComfyUI's layout) and the hub
+# choices worth offering. Everything else about a method (title, option, weights) is its class's.
+WEIGHT_FILES = {
+    "adapter": WeightFiles("ip_adapter", known=(
         ("default (h94 for SD1.5 / SDXL)", "default"),
         ("tiny", "tiny"),
         ("h94 ip-adapter_sd15", "h94/IP-Adapter:models/ip-adapter_sd15.safetensors"),
         ("h94 ip-adapter-plus_sd15", "h94/IP-Adapter:models/ip-adapter-plus_sd15.safetensors"),
         ("h94 ip-adapter_sdxl", "h94/IP-Adapter:sdxl_models/ip-adapter_sdxl.safetensors"),
     ), unset="default"),
-    "lora": MethodForm("Subject LoRA", "path", LORA_FOLDER, "0.6, 1.0"),
-    "textual_inversion": MethodForm("Textual inversion", "embedding", "embeddings"),
-    "dreambooth": MethodForm("DreamBooth", "checkpoint", "dreambooth"),
+    "lora": WeightFiles(LORA_FOLDER),
+    "embedding": WeightFiles("embeddings"),
+    "checkpoint": WeightFiles("dreambooth"),
 }
+
+
+def weight_files(kind: str | None) -> WeightFiles:
+    """The folder and known choices of a weight-file kind; a plugin's own kind gets models/<kind>/."""
+    return WEIGHT_FILES.get(kind) or WeightFiles(str(kind))
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class AppConfig:
     queue_size: int = 16
     max_file_size: str | None = None  # default: 10 MB when public
     redraw_seconds: float = 0.5
+    plugins: tuple[str, ...] = ()  # modules adding methods or metrics (besides $WORKBENCH_PLUGINS, entry points)
 
     @property
     def upload_limit(self) -> str | None:
@@ -129,11 +130,14 @@ def discover_models(models_dir: Path) -> ModelChoices:
     present = models_dir.is_dir()
     bases = sorted(models_dir.glob("*.safetensors")) + files(BASE_FOLDER) if present else []
     base = [(f"local: {p.name} ({_sdxl_tag(p)})", str(p.resolve())) for p in bases]
+    from ..methods import METHODS
+
     options = {}
-    for form in METHOD_FORMS.values():
-        if form.option:
-            found = _local(folders(form.folder) + files(form.folder)) if present else []
-            options[form.option] = tuple(list(form.known) + found)
+    for cls in METHODS.values():
+        if cls.weight_option:
+            where = weight_files(cls.weight_file_kind)
+            found = _local(folders(where.folder) + files(where.folder)) if present else []
+            options[cls.weight_option] = tuple(list(where.known) + found)
     lora = [("tiny", "tiny")] + (_local(files(LORA_FOLDER)) if present else [])
     return ModelChoices(base=tuple(KNOWN_BASES + base), lora=tuple(lora), options=options)
 

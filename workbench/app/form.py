@@ -10,8 +10,8 @@ import gradio as gr
 
 from ..errors import StudyError
 from ..spec import DTYPES, MAX_SIDE, SCHEDULERS
-from .config import ASSETS, KNOWN_BASES, MAX_REFERENCES, METHOD_FORMS, PRESETS, PUBLIC_MAX_CELLS, \
-    PUBLIC_MAX_STEPS, MethodForm, ModelChoices
+from .config import ASSETS, KNOWN_BASES, MAX_REFERENCES, PRESETS, PUBLIC_MAX_CELLS, PUBLIC_MAX_STEPS, \
+    ModelChoices, weight_files
 
 CHECKED = ("baseline", "ip_adapter")  # the methods a new form starts with
 
@@ -56,20 +56,24 @@ def numbers_text(values) -> str:
     return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
+@dataclass(frozen=True)
+class MethodForm:
+    """What the form shows for a method kind, all from its registered class."""
+
+    title: str
+    option: str | None  # the option naming its weights file, None for none
+    weights: str  # the weights the form starts with ("": the kind has no weight)
+    unset: str  # what the option's dropdown shows for a study that does not set it
+
+
 def method_forms() -> dict[str, MethodForm]:
-    """Every registered method kind with what the form shows for it: METHOD_FORMS' kinds in its order, then
-    any other (a plugin) in registry order."""
+    """Every registered method kind, in registry order, as the form shows it."""
     from ..methods import METHODS
 
-    forms = {}
-    for kind in sorted(METHODS, key=lambda kind: list(METHOD_FORMS).index(kind) if kind in METHOD_FORMS
-                       else len(METHOD_FORMS)):
-        cls = METHODS[kind]
-        default = cls.default_weights
-        form = METHOD_FORMS.get(kind) or MethodForm(kind, weights=numbers_text(list(default)) if default else "1.0")
-        forms[kind] = MethodForm(getattr(cls, "title", form.title), form.option, form.folder, form.weights,
-                                 form.known, form.unset)
-    return forms
+    return {kind: MethodForm(cls.title, cls.weight_option,
+                             numbers_text(list(cls.suggested_weights)) if cls.suggested_weights else "",
+                             weight_files(cls.weight_file_kind).unset)
+            for kind, cls in METHODS.items()}
 
 
 @dataclass

@@ -25,6 +25,7 @@ from ..export import saved_study, unzip_run, zip_refusal, zip_run
 from ..jobs import JobStream, clear_stop, job_events, new_run_dir, on_gpu, request_stop, stop_requested, \
     sweep_unused_run_folders, why_unscored, with_references
 from ..paths import inside
+from ..plugins import load_plugins
 from ..report import grid_images
 from ..run_folder import RunFolder, saved_runs
 from ..runner import RunResult
@@ -72,6 +73,7 @@ class Workbench(Layout):
 
     def __init__(self, config: AppConfig):
         self.config = config
+        load_plugins(config.plugins)  # before the form, the model choices and the tables read the registries
         config.runs_dir.mkdir(parents=True, exist_ok=True)
         self.choices = discover_models(config.models_dir)
         self.preset_path = (Path(config.preset) if config.preset else DEFAULT_PRESET).resolve()

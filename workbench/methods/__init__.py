@@ -112,4 +112,5 @@ class NoState:
         pass
 
 
-from . import baseline, dreambooth, ip_adapter, lora, textual_inversion  # noqa: E402,F401  (register)
+# Registration order is the order the app lists them in.
+from . import baseline, ip_adapter, lora, textual_inversion, dreambooth  # noqa: E402,F401,I001  (register)

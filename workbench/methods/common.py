@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..spec import _fill
+from ..text import fill as _fill
 from ..weights import WeightSource, parse_weight_source, source_identity
 
 
@@ -29,7 +29,7 @@ def fill_prompt(template: str, token: str, class_noun: str) -> str:
 
 
 def source_text(source: WeightSource) -> str:
-    from ..spec import _source_text
+    from ..text import source_text as _source_text
 
     return _source_text(source)
 

@@ -8,7 +8,7 @@ import torch
 from . import register_method
 from .common import fill_prompt, source_identity, source_text, weight_source_option
 from ..errors import StudyError
-from ..spec import TEXT_LIMITS
+from ..text import TEXT_LIMITS
 from ..weights import check_safetensors, missing_model_message
 
 
