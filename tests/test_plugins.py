@@ -75,6 +75,8 @@ def test_the_cli_with_the_brightness_plugin_adds_its_columns(tmp_path):
     expected = cells.groupby(["method", "weight"], sort=False)["brightness"].mean().to_numpy()
     np.testing.assert_allclose(summary["brightness_mean"], expected, rtol=1e-6)
     assert "brightness: mean Rec. 601 luma" in done.stdout
+    page = (out / "frontier.html").read_text()
+    assert "x = brightness" in page and "x = DINO" in page  # the plot's x menu offers the plugin's metric
 
 
 def test_workbench_plugins_names_modules_for_the_cli_and_the_app(monkeypatch, capsys):

@@ -46,7 +46,8 @@ def _scoring(study, args):
 
 
 def _print_scores(result) -> None:
-    from .report import frontier_axes, scoring_cost, suggestions
+    from .frontier import frontier_axes
+    from .report import scoring_cost, suggestions
 
     if result.scores is None or result.scores.empty:
         return

@@ -24,6 +24,59 @@ def metric_label(name: str) -> str:
     return getattr(METRICS.get(name), "label", name)
 
 
+def frontier_axes(scores: pd.DataFrame) -> tuple[str, str] | None:
+    """(x, y) for the frontier: DINO (else CLIP-I) against CLIP-T; None if those were not scored."""
+    metrics = set(scores["metric"])
+    x = "dino" if "dino" in metrics else "clip_i" if "clip_i" in metrics else None
+    return (x, "clip_t") if x and "clip_t" in metrics else None
+
+
+def metric_levels(scores: pd.DataFrame | None) -> dict[str, str]:
+    """metric -> "image" or "group": from the scores (a group value has no image key), else the registry."""
+    from .metrics import METRICS
+
+    if scores is None or scores.empty:
+        return {name: getattr(cls, "level", "image") for name, cls in METRICS.items()}
+    keyed = scores.groupby("metric", sort=False)["key"].apply(lambda keys: keys.notna().any())
+    return {name: "image" if has_key else "group" for name, has_key in keyed.items()}
+
+
+def scored_metrics(scores: pd.DataFrame | None = None) -> list[str]:
+    """The metrics a table or plot menu shows, in order: every metric scored (before a run, every registered one).
+
+    The default x axis first, the other image-fidelity metrics, then prompt fidelity, other
+    per-image metrics, and group metrics (diversity) last.
+    """
+    from .metrics import METRICS
+
+    levels = metric_levels(scores)
+    axes = frontier_axes(pd.DataFrame({"metric": list(levels)})) or (None, None)
+    registry = list(METRICS)
+
+    def axis(name: str) -> str | None:
+        return getattr(METRICS.get(name), "axis", None)
+
+    def rank(name: str) -> int:
+        if name == axes[0]:
+            return 0
+        if levels[name] != "image":
+            return 4
+        return {"image_fidelity": 1, "prompt_fidelity": 2}.get(axis(name), 2 if name == axes[1] else 3)
+
+    return sorted(levels, key=lambda name: (rank(name), registry.index(name) if name in registry else len(registry),
+                                            name))
+
+
+def x_axis_metrics(scores: pd.DataFrame | None = None) -> list[str]:
+    """The image-fidelity axes a frontier may use: every per-image metric scored, except prompt fidelity."""
+    from .metrics import METRICS
+
+    levels = metric_levels(scores)
+    y = (frontier_axes(pd.DataFrame({"metric": list(levels)})) or (None, None))[1]
+    return [name for name in scored_metrics(scores) if levels[name] == "image" and name != y
+            and getattr(METRICS.get(name), "axis", None) != "prompt_fidelity"]
+
+
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.Series:
     """Boolean mask over `points`: True where no other point is >= on both columns and > on one.
 

@@ -14,6 +14,7 @@ import pandas as pd
 from PIL import Image
 
 from .files import atomic_write
+from .frontier import frontier_axes, x_axis_metrics
 from .grid import grid_layout, make_grid
 from .images import load_image
 from .run_scores import GROUP_COLUMNS, SCORING_COST_FILE
@@ -302,13 +303,6 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def frontier_axes(scores: pd.DataFrame) -> tuple[str, str] | None:
-    """(x, y) for the frontier: DINO (else CLIP-I) against CLIP-T; None if those were not scored."""
-    metrics = set(scores["metric"])
-    x = "dino" if "dino" in metrics else "clip_i" if "clip_i" in metrics else None
-    return (x, "clip_t") if x and "clip_t" in metrics else None
-
-
 def suggestions(summary: pd.DataFrame, x: str, y: str, min_x: float | None = None,
                 min_y: float | None = None) -> list:
     """Per method (baselines aside), the suggested weights: first, for every method, the best-y weight
@@ -355,8 +349,8 @@ def write_scores(result) -> None:
     summary = result.summary(*axes)
     _atomic_csv(summary, result.run_dir / "summary.csv")
     _atomic_csv(variance_shares(scores), result.run_dir / "variance.csv")
-    # The HTML file offers both image-fidelity axes the run scored, DINO first.
-    xs = [x for x in ("dino", "clip_i") if x in set(scores["metric"])]
+    # The HTML file's x menu offers every per-image metric the run scored, as the app's does.
+    xs = x_axis_metrics(scores)
     figure = frontier_figure_with_x_menu(summary, xs, y=axes[1], scores=scores, provenance=result.provenance)
     write_frontier_html(figure, result.run_dir / "frontier.html")
 

@@ -13,60 +13,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..frontier import metric_label, summarize
-from ..report import frontier_axes, grid_column_at, grid_images
+from ..frontier import frontier_axes, metric_levels, metric_label, scored_metrics, summarize, x_axis_metrics
+from ..report import grid_column_at, grid_images
 from ..run_folder import RunFolder
 
 NAME, FRONT, COUNT = "method@weight", "front", "n"  # "front" second: on a phone only the first columns show
 
 
 # ---------------------------------------------------------------- which metrics
-
-
-def _levels(scores: pd.DataFrame | None) -> dict[str, str]:
-    """metric -> "image" or "group": from the scores (a group value has no image key), else the registry."""
-    from ..metrics import METRICS
-
-    if scores is None or scores.empty:
-        return {name: getattr(cls, "level", "image") for name, cls in METRICS.items()}
-    keyed = scores.groupby("metric", sort=False)["key"].apply(lambda keys: keys.notna().any())
-    return {name: "image" if has_key else "group" for name, has_key in keyed.items()}
-
-
-def table_metrics(scores: pd.DataFrame | None = None) -> list[str]:
-    """The metrics a table shows, in column order: every metric scored (before a run, every registered one).
-
-    The default x axis first, the other image-fidelity metrics, then prompt fidelity, other
-    per-image metrics, and group metrics (diversity) last.
-    """
-    from ..metrics import METRICS
-
-    levels = _levels(scores)
-    axes = frontier_axes(pd.DataFrame({"metric": list(levels)})) or (None, None)
-    registry = list(METRICS)
-
-    def axis(name: str) -> str | None:
-        return getattr(METRICS.get(name), "axis", None)
-
-    def rank(name: str) -> int:
-        if name == axes[0]:
-            return 0
-        if levels[name] != "image":
-            return 4
-        return {"image_fidelity": 1, "prompt_fidelity": 2}.get(axis(name), 2 if name == axes[1] else 3)
-
-    return sorted(levels, key=lambda name: (rank(name), registry.index(name) if name in registry else len(registry),
-                                            name))
-
-
-def x_axis_metrics(scores: pd.DataFrame | None = None) -> list[str]:
-    """The image-fidelity axes a frontier may use: every per-image metric scored, except prompt fidelity."""
-    from ..metrics import METRICS
-
-    levels = _levels(scores)
-    y = (frontier_axes(pd.DataFrame({"metric": list(levels)})) or (None, None))[1]
-    return [name for name in table_metrics(scores) if levels[name] == "image" and name != y
-            and getattr(METRICS.get(name), "axis", None) != "prompt_fidelity"]
 
 
 def x_axis_choices(scores: pd.DataFrame | None = None) -> list[tuple[str, str]]:
@@ -85,11 +39,11 @@ def table_widths(metrics: list[str], levels: dict[str, str]) -> list[str]:
 
 
 def _empty_table() -> pd.DataFrame:
-    return pd.DataFrame(columns=table_headers(table_metrics()))
+    return pd.DataFrame(columns=table_headers(scored_metrics()))
 
 
 def _empty_widths() -> list[str]:
-    return table_widths(table_metrics(), _levels(None))
+    return table_widths(scored_metrics(), metric_levels(None))
 
 
 @dataclass
@@ -142,7 +96,7 @@ def score_views(scores: pd.DataFrame | None, provenance: dict, columns: dict, x:
     x = x if x in {metric for _, metric in views.axes} else axes[0]
     y = axes[1]
     summary = summarize(scores, x=x, y=y)
-    metrics = [m for m in table_metrics(scores) if f"{m}_mean" in summary]
+    metrics = [m for m in scored_metrics(scores) if f"{m}_mean" in summary]
     rows = []
     for _, row in summary.iterrows():
         key = (row["method"], float(row["weight"]))
@@ -153,7 +107,7 @@ def score_views(scores: pd.DataFrame | None, provenance: dict, columns: dict, x:
         item[COUNT] = int(row[f"{x}_n"])
         rows.append(item)
     views.table = pd.DataFrame(rows)
-    views.widths = table_widths(metrics, _levels(scores))
+    views.widths = table_widths(metrics, metric_levels(scores))
     figure = frontier_figure(summary, x=x, y=y, scores=scores, provenance=provenance)
     # The figure's title and subtitle overflow a phone screen; the app says the same beside the plot.
     figure.update_layout(height=440, margin=dict(l=10, r=10, t=10, b=10), title=None,
@@ -208,8 +162,8 @@ def column_detail(run_dir: Path, column: str) -> tuple[list, str]:
     rows = run.column(column)
     if rows.empty:
         return [], f"No images for `{column}` in this run yet."
-    levels = _levels(run.scores())
-    metrics = [m for m in table_metrics(run.scores()) if levels[m] == "image" and m in rows]
+    levels = metric_levels(run.scores())
+    metrics = [m for m in scored_metrics(run.scores()) if levels[m] == "image" and m in rows]
     items = []
     for _, row in rows.iterrows():
         image = run.image(row["image"])  # cells.csv may be a client's (a loaded zip): only files of the run
