@@ -210,6 +210,20 @@ def scored_run(tmp_path_factory, tiny_base):
 
 
 DAMAGE = {"empty": b"", "corrupt": b"\x00\xff{not what it should be,,\n\"\n"}
+# JSON that parses but is not the manifest's shape (a hand edit, another tool's file)
+MISSHAPEN_MANIFESTS = {"runs not a list": b'{"study": NaN, "runs": 5}', "a run not a mapping": b'{"runs": ["x"]}',
+                       "a list": b"[1, 2]", "methods not a mapping": b'{"runs": [{"methods": 3}]}'}
+
+
+@pytest.mark.parametrize("content", MISSHAPEN_MANIFESTS)
+def test_a_manifest_of_another_shape_does_not_block_a_rerun(scored_run, tmp_path, tiny_base, content):
+    study, original = scored_run
+    run = Path(shutil.copytree(original, tmp_path / "run"))
+    (run / "manifest.json").write_bytes(MISSHAPEN_MANIFESTS[content])
+    with pytest.warns(UserWarning, match="manifest.json is damaged"):
+        result = run_study(study, run, loaded=tiny_base, show_progress_bar=False)
+    assert result.complete and result.generated == 0
+    assert len(json.loads((run / "manifest.json").read_text())["runs"]) == 1
 
 
 @pytest.mark.parametrize("damage", DAMAGE)

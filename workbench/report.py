@@ -95,13 +95,16 @@ def _read_previous_csv(path: Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
-def read_previous_json(path: Path) -> dict:
-    """A previous JSON output, or {} when it is missing or damaged (kept aside, hidden, as .NAME.damaged)."""
+def read_previous_json(path: Path, shaped=lambda data: True) -> dict:
+    """A previous JSON output, or {} when it is missing or damaged (kept aside, hidden, as .NAME.damaged).
+
+    Damaged: not JSON, not an object, or not `shaped` (a file of another shape would break the
+    code that reads it on every rerun)."""
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text())
-        if isinstance(data, dict):
+        if isinstance(data, dict) and shaped(data):
             return data
     except (ValueError, UnicodeDecodeError):
         pass
@@ -167,7 +170,7 @@ def write_manifest(result, loaded, *, device_type: str, base_identity: dict) -> 
     `loaded` is None when every cell came from the cache (no model was loaded this time)."""
     study = result.study
     path = result.run_dir / "manifest.json"
-    previous = read_previous_json(path)
+    previous = read_previous_json(path, _manifest_shaped)
     run = {
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": round(result.wall_seconds, 3),
         "generated": result.generated, "cells_on_disk": len(result.results), "stopped": result.stopped,
@@ -217,6 +220,15 @@ def strict_json(data) -> str:
         return value
 
     return json.dumps(finite(data), indent=2, default=str, allow_nan=False)
+
+
+def _manifest_shaped(manifest: dict) -> bool:
+    """Has a previous manifest.json the shape a rerun reads: a list of runs, each a mapping whose
+    `methods` (when present) is a mapping of mappings."""
+    runs = manifest.get("runs", [])
+    return isinstance(runs, list) and all(
+        isinstance(run, dict) and isinstance(run.get("methods", {}), dict)
+        and all(isinstance(stats, dict) for stats in run.get("methods", {}).values()) for run in runs)
 
 
 def column_definitions(x: str | None, y: str | None) -> dict:
