@@ -104,3 +104,32 @@ def test_instantstyle_block_scales_apply_only_to_the_named_blocks(tiny_base, tmp
     baseline = image({"kind": "baseline"})
     assert not np.array_equal(up_only, plain) and not np.array_equal(up_only, baseline)
     assert np.array_equal(nowhere, baseline)
+
+
+@pytest.mark.parametrize("block_scales, where", [
+    ({"up": {1: [1.0]}}, "block_scales.up: '1'"),
+    ({"up": {"block_0": [[]]}}, r"block_scales.up.block_0\[0\]"),
+    ({"up": {"block_0": [{}]}}, r"block_scales.up.block_0\[0\]"),
+    ({"up": {"block_0": []}}, "block_scales.up.block_0"),
+    ({"mid": {"block_0": 1.0}}, "block_scales.mid"),
+    ({"up": {"block_x": 1.0}}, "block_scales.up: 'block_x'"),
+])
+def test_block_scales_of_another_shape_are_refused_naming_the_place(block_scales, where):
+    from workbench.errors import StudyError
+
+    with pytest.raises(StudyError, match=rf"methods\[0\]: {where}"):
+        parse_study(tiny_study(methods=[{"kind": "ip_adapter", "adapter": "tiny", "weights": [0.5],
+                                         "block_scales": block_scales}]))
+
+
+def test_block_scales_naming_a_block_without_attention_are_refused_before_a_cell(tiny_base):
+    from workbench.errors import StudyError
+
+    unet = tiny_base.pipe.unet
+    without = next(i for i, block in enumerate(unet.up_blocks) if not hasattr(block, "attentions"))
+    study = parse_study(tiny_study(methods=[{"kind": "ip_adapter", "adapter": "tiny", "weights": [0.5],
+                                             "block_scales": {"up": {f"block_{without}": 1.0}}}]))
+    with pytest.raises(StudyError, match=rf"block_scales.up.block_{without}: .*no attention layers"):
+        with attached(study.methods[0].method, tiny_base.pipe, study):
+            pass
+    assert not any(type(p).__name__.startswith("IPAdapter") for p in tiny_base.pipe.unet.attn_processors.values())

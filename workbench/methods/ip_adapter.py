@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,8 @@ class _IPAdapterAttachment:
         self.block_scales = _thaw(method.block_scales) if method.block_scales else None
         # A per-sample scale multiplies every IP layer alike; per-block scales are set one weight at a time.
         self.per_sample_weights = self.block_scales is None
+        if self.block_scales:
+            _check_blocks_exist(self.block_scales, pipe.unet)
         source = method.adapter or DEFAULT_ADAPTERS["sdxl" if _is_sdxl(pipe) else "sd15"]
         repo, subfolder, weight_name = _load_arguments(source)
         try:
@@ -186,20 +189,53 @@ def _is_sdxl(pipe) -> bool:
 
 
 def _check_block_scales(block_scales: dict, weight_range, fail) -> None:
-    """Keys down/mid/up (diffusers' UNet parts); every value a finite number within `weight_range`."""
-    unknown = set(block_scales) - {"down", "mid", "up"}
-    if unknown:
-        raise fail(f"block_scales: unknown part {sorted(map(str, unknown))[0]!r} (known: down, mid, up)")
+    """The shape diffusers' set_ip_adapter_scale reads, every scale a number within `weight_range`.
+
+    {"down" | "up": scale or {"block_N": scale or [scale per attention layer]}, "mid": scale or [scale]}
+    """
     low, high = weight_range
-    stack = [("block_scales", block_scales)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, dict):
-            stack += [(f"{where}.{key}", item) for key, item in value.items()]
-        elif isinstance(value, list):
-            stack += [(f"{where}[{index}]", item) for index, item in enumerate(value)]
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+
+    def scale(where: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise fail(f"{where}: expected a number from {low:g} to {high:g}, got {str(value)[:40]}")
+
+    def scales(where: str, value) -> None:
+        if not isinstance(value, list):
+            return scale(where, value)
+        if not value:
+            raise fail(f"{where}: expected a number or a non-empty list of numbers (one per attention layer)")
+        for index, item in enumerate(value):
+            scale(f"{where}[{index}]", item)
+
+    for part, value in block_scales.items():
+        where = f"block_scales.{part}"
+        if part not in ("down", "mid", "up"):
+            raise fail(f"block_scales: unknown part {str(part)[:40]!r} (known: down, mid, up)")
+        if part == "mid" or not isinstance(value, dict):
+            if isinstance(value, dict):
+                raise fail(f"{where}: expected a number or [number]: the mid block has one attention layer")
+            scales(where, value)
+            continue
+        for block, item in value.items():
+            if not (isinstance(block, str) and re.fullmatch(r"block_\d+", block)):
+                raise fail(f"{where}: {str(block)[:40]!r} is not a block name such as 'block_0'")
+            scales(f"{where}.{block}", item)
+
+
+def _check_blocks_exist(block_scales: dict, unet) -> None:
+    """Refuse a block without attention layers: diffusers would skip it and leave the adapter off there."""
+    for part in ("down", "up"):
+        named = block_scales.get(part)
+        if not isinstance(named, dict):
+            continue
+        blocks = getattr(unet, f"{part}_blocks")
+        with_attention = [i for i, block in enumerate(blocks) if hasattr(block, "attentions")]
+        for block in named:
+            if int(block.split("_")[1]) not in with_attention:
+                raise StudyError(
+                    f"ip_adapter: block_scales.{part}.{block}: this UNet's {part} block {block.split('_')[1]} has no "
+                    f"attention layers, so the adapter would be off there; name one of "
+                    f"{', '.join(f'block_{i}' for i in with_attention)}")
 
 
 def _freeze(value):
