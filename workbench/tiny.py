@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"
 TINY_BASES = ("tiny", "tiny-xl")
 CLIP_VOCAB_SIZE = 49408
 
@@ -82,12 +82,25 @@ def write_clip_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _text_encoder_config(**extra):
+# The sizes of diffusers' own fast tests (StableDiffusionPipelineFastTests.get_dummy_components):
+# UNet and VAE (4, 8) wide with 2 norm groups, text encoders 8 wide. The vocabulary stays real (49,408
+# tokens) so the real CLIP tokenizer, prompts and textual-inversion tokens work unchanged. SDXL's
+# second text encoder is wider than the first (16 against 8), as in the real model, so an embedding or
+# a pooled vector that reaches the wrong encoder fails on its shape instead of passing unnoticed.
+BLOCK_CHANNELS = (4, 8)  # the UNet's and the VAE's block widths
+NORM_GROUPS = 2
+TEXT_WIDTH = 8  # SD1.5's text encoder and SDXL's first (CLIP ViT-L's place)
+TEXT_WIDTH_2 = 16  # SDXL's second text encoder (OpenCLIP ViT-bigG's place); also its pooled projection
+TIME_EMBED_DIM = 8  # SDXL's addition_time_embed_dim: each of the 6 size/crop numbers is embedded this wide
+IMAGE_EMBED_DIM = 8  # the IP-Adapter image encoder's projection
+
+
+def _text_encoder_config(width: int, **extra):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
         pad_token_id=49407, **extra,
     )
 
@@ -96,9 +109,9 @@ def _vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=list(BLOCK_CHANNELS), in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], norm_num_groups=32,
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], norm_num_groups=NORM_GROUPS,
     )
 
 
@@ -112,20 +125,20 @@ def _scheduler():
 
 
 def build_sd15_components(seed: int = 0) -> dict:
-    """Components of a tiny SD1.5-shaped pipeline (the shapes of diffusers' own dummy components)."""
+    """Components of a tiny SD1.5-shaped pipeline (the sizes of diffusers' own dummy components)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=BLOCK_CHANNELS, layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=32,
+        cross_attention_dim=TEXT_WIDTH, norm_num_groups=NORM_GROUPS,
     )
     torch.manual_seed(seed)
     vae = _vae()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_text_encoder_config())
+    text_encoder = CLIPTextModel(_text_encoder_config(TEXT_WIDTH))
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=_scheduler(),
                 safety_checker=None, feature_extractor=None, image_encoder=None)
 
@@ -137,18 +150,21 @@ def build_sdxl_components(seed: int = 0) -> dict:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=BLOCK_CHANNELS, layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=32,
+        addition_time_embed_dim=TIME_EMBED_DIM, transformer_layers_per_block=(1, 2),
+        # the added condition: 6 embedded size/crop numbers and the second encoder's pooled prompt
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_WIDTH_2,
+        cross_attention_dim=TEXT_WIDTH + TEXT_WIDTH_2,  # both encoders' hidden states, concatenated
+        norm_num_groups=NORM_GROUPS,
     )
     torch.manual_seed(seed)
     vae = _vae()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_text_encoder_config())
+    text_encoder = CLIPTextModel(_text_encoder_config(TEXT_WIDTH))
     torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(TEXT_WIDTH_2, projection_dim=TEXT_WIDTH_2))
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                 scheduler=_scheduler(), image_encoder=None, feature_extractor=None)
 
@@ -199,11 +215,11 @@ def _write_ip_adapter(folder: Path, base: str) -> None:
 
     unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir(base), subfolder="unet")
     cross_dim = unet.config.cross_attention_dim
-    image_embed_dim = 32
+    image_embed_dim = IMAGE_EMBED_DIM
     torch.manual_seed(1)
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, projection_dim=image_embed_dim, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, image_size=32, patch_size=4,
+        hidden_size=8, projection_dim=image_embed_dim, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=16, image_size=32, patch_size=8,
     ))
     encoder.save_pretrained(folder / "models" / "image_encoder", safe_serialization=True)
     generator = torch.Generator().manual_seed(2)
@@ -254,9 +270,10 @@ def _write_embedding(folder: Path, base: str) -> None:
 
     generator = torch.Generator().manual_seed(4)
     if base == "tiny-xl":
-        tensors = {"clip_l": torch.randn(1, 32, generator=generator), "clip_g": torch.randn(1, 32, generator=generator)}
+        tensors = {"clip_l": torch.randn(1, TEXT_WIDTH, generator=generator),
+                   "clip_g": torch.randn(1, TEXT_WIDTH_2, generator=generator)}
     else:
-        tensors = {"emb_params": torch.randn(1, 32, generator=generator)}
+        tensors = {"emb_params": torch.randn(1, TEXT_WIDTH, generator=generator)}
     save_file(tensors, folder / "embedding_tiny.safetensors")
 
 

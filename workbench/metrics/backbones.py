@@ -31,17 +31,18 @@ from ..tiny import TINY_VERSION, _build_once
 
 TINY = "tiny"
 
-# A ViT-B-32-shaped CLIP shrunk to width 32. The vocabulary and context length stay real so the
-# BPE tokenizer open_clip ships with works unchanged.
+# A ViT-B-32-shaped CLIP shrunk to width 16 (2 heads of 8). The vocabulary and context length stay
+# real so the BPE tokenizer open_clip ships with works unchanged.
 TINY_CLIP_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 16, "head_width": 8, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 2},
 }
 TINY_CLIP_NAME = "workbench-tiny-clip"  # its open_clip model name once registered
 TINY_CLIP_WEIGHTS = "open_clip_model.safetensors"
+# DINO's input stays 224 px (DreamBooth's crop); 32 px patches keep the sequence at 49 tokens.
 TINY_DINO_CONFIG = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=224, patch_size=16
+    hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=224, patch_size=32
 )
 TINY_SEED = 0
 
