@@ -329,12 +329,16 @@ def test_run_folders_that_never_got_a_cell_are_swept_once_they_are_old(tmp_path)
     (old_empty / "references" / "a.png").write_bytes(png_bytes())
     (old_with_image / "images" / "baseline").mkdir(parents=True)
     (old_with_image / "images" / "baseline" / "p00_w0_s0_0123456789abcdef.png").write_bytes(png_bytes())
+    uploads = runs / "uploads" / "a-session"  # the sessions' uploads live beside the run folders
+    uploads.mkdir(parents=True)
+    (uploads / "ref.png").write_bytes(png_bytes())
     long_ago = time.time() - 3 * 3600
-    for folder in (old_empty, old_with_image):
+    for folder in (old_empty, old_with_image, runs / "uploads"):
         for path in [folder, *folder.rglob("*")]:
             os.utime(path, (long_ago, long_ago))
     sweep_unused_run_folders(runs, older_than_s=3600)
-    assert sorted(p.name for p in runs.iterdir()) == sorted([young_empty.name, old_with_image.name])
+    assert sorted(p.name for p in runs.iterdir()) == sorted([young_empty.name, old_with_image.name, "uploads"])
+    assert (uploads / "ref.png").is_file()
 
 
 def test_preparing_a_study_sweeps_old_run_folders_that_never_got_a_cell(tmp_path):

@@ -101,7 +101,7 @@ class CellCache:
         self.twins: dict[Cell, list[Cell]] = {}  # a cell to generate -> the missing cells with its key
 
     def path(self, cell: Cell) -> Path:
-        label = _slug(self.study.methods[cell.method_index].label)
+        label = slug_of(self.study.methods[cell.method_index].label)
         return (self.run_dir / "images" / label
                 / f"p{cell.prompt_index:02d}_w{cell.weight:g}_s{cell.seed}_{self.keys[cell][:16]}.png")
 
@@ -191,7 +191,8 @@ class CellCache:
         return cell
 
 
-def _slug(text: str) -> str:
+def slug_of(text: str) -> str:
+    """`text` as a file-name part: letters, digits, '.', '_' and '-' ('method' when nothing is left)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "method"
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from .cache import slug_of
 from .errors import StudyError
 from .runner import ProgressEvent, RunResult
 from .spec import Study
@@ -28,9 +29,12 @@ STOP_FILE = ".stop"  # a file, not an Event: it reaches a ZeroGPU worker process
 GPU_MAX_SECONDS = 300
 
 
+RUN_FOLDER_NAME = re.compile(r"\d{8}-\d{6}-.+-[0-9a-f]{32}")  # what new_run_dir names, and nothing else
+
+
 def new_run_dir(runs_dir: Path, name: str) -> Path:
     """A new run folder `<time>-<name>-<128 random bits>`: no one finds another's run by guessing its name."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name or "study").strip("-")[:40] or "study"
+    slug = slug_of(name or "study")[:40]
     path = Path(runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(16)}"
     path.mkdir(parents=True)
     return path
@@ -43,14 +47,15 @@ def sweep_unused_run_folders(runs_dir: Path, older_than_s: float = UNUSED_RUN_FO
     """Delete run folders that never got a cell and have not changed for `older_than_s`; return them.
 
     Such a folder is left by a job whose client went away while queued, or that stopped or failed
-    before its first image. A folder a run holds (its lock) is never touched.
+    before its first image. Only folders new_run_dir made are candidates (never the sessions'
+    uploads beside them), and a folder a run holds (its lock) is never touched.
     """
     from .files import run_folder_lock
 
     removed = []
     horizon = time.time() - older_than_s
     for folder in Path(runs_dir).glob("*/"):
-        if any(folder.glob("images/*/*.png")):
+        if not RUN_FOLDER_NAME.fullmatch(folder.name) or any(folder.glob("images/*/*.png")):
             continue
         if max((p.stat().st_mtime for p in [folder, *folder.rglob("*")]), default=0.0) > horizon:
             continue
