@@ -217,3 +217,20 @@ def test_score_run_scores_a_run_folder_without_generating(scored_run, tmp_path):
     before = scored_run.scores.set_index(["key", "metric"])["value"]
     after = result.scores.set_index(["key", "metric"])["value"]
     assert after.to_numpy() == pytest.approx(before.loc[after.index].to_numpy(), abs=1e-6)
+
+
+def test_score_run_that_finds_none_of_the_cells_keeps_the_folder_as_it_was(scored_run, tmp_path, monkeypatch):
+    """A run made elsewhere (another device type, another copy of the weights) has other cell keys here."""
+    import shutil
+    from pathlib import Path
+
+    from workbench import runner
+    from workbench.errors import StudyError
+    from workbench.runner import score_run
+
+    run = Path(shutil.copytree(scored_run.run_dir, tmp_path / "run"))
+    before = {name: (run / name).read_bytes() for name in ("cells.csv", "manifest.json", "scores.csv")}
+    monkeypatch.setattr(runner, "base_identity", lambda base: {"tiny": base, "version": "made elsewhere"})
+    with pytest.raises(StudyError, match=r"found none of its \d+ cells"):
+        score_run(run)
+    assert {name: (run / name).read_bytes() for name in before} == before

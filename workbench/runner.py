@@ -142,6 +142,12 @@ def score_run(run: Study | str | Path, out_dir: str | Path | None = None, *, sco
         start = time.perf_counter()
         scored = _Run(study, run_dir, None, device, scoring or ScoringSpec.for_study(study), progress)
         scored.take_cached()
+        if not scored.by_cell and any(run_dir.glob("images/*/*.png")):
+            # Its outputs would be rewritten empty: refuse, and leave the folder as it is.
+            raise StudyError(
+                f"{run_dir}: found none of its {len(study.cells())} cells under the keys they have here (device "
+                f"{scored.device_type}, base {scored.base_identity}); were they made on another device type or "
+                "with other weights? Score them where they were made")
         scored.finish(start, write_outputs)
         return scored.result
 
