@@ -352,3 +352,11 @@ def test_preparing_a_study_sweeps_old_run_folders_that_never_got_a_cell(tmp_path
     wb.prepare(zipped_study("assets/chelsea.png") | {"subject": {"reference_images": [str(Path("assets/chelsea.png").resolve())], "class_noun": "cat"}},
                None, {str(Path("assets/chelsea.png").resolve())})
     assert abandoned.name not in run_folders(wb.config.runs_dir)
+
+
+def test_a_zip_whose_cells_csv_escapes_a_path_outside_is_refused(tmp_path):
+    # `'` is how the run's CSV writer escapes text; every reader takes it off, so the check must too
+    cells = "column,image\nbaseline,'../../secret.txt\n"
+    archive = run_zip(tmp_path / "escaped.zip", zipped_study("references/00_cat.png"), cells)
+    with pytest.raises(StudyError, match=r"escaped\.zip: cells\.csv: image\[0\]: '\.\./\.\./secret\.txt' is outside"):
+        unzip_run(archive, tmp_path / "runs" / "loaded")

@@ -8,7 +8,6 @@ as `tiny`), so `parse_study(study.yaml, base_dir=<unzipped folder>)` works on an
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import zipfile
@@ -82,7 +81,9 @@ def zip_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
         raise StudyError(f"{run_dir}: no manifest.json here; nothing has been generated into this run folder yet")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = RunFolder(run_dir).manifest()
+    if not isinstance(manifest.get("study"), dict):
+        raise StudyError(f"{manifest_path} is damaged (no readable study in it); run the study again to rewrite it")
     study = portable_study(manifest["study"], run_dir)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}.zip"
     partial = out.with_suffix(".zip.partial")
@@ -173,24 +174,19 @@ def check_run_paths(run_dir: str | Path, name: str) -> None:
     Checked: the file columns of cells.csv, scores.csv and summary.csv (PATH_COLUMNS) and the
     reference images of study.yaml and of manifest.json's study. Nothing they name is opened.
     """
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     for table in ("cells.csv", "scores.csv", "summary.csv"):
-        path = run_dir / table
-        if not path.is_file():
-            continue
-        try:
-            with path.open(newline="", encoding="utf-8") as handle:
-                rows = list(csv.DictReader(handle))
-        except (UnicodeDecodeError, csv.Error) as error:
-            raise StudyError(f"{name}: {table}: cannot read it ({error})") from None
+        frame = run.table(table)  # as every later reader reads it (escaped text given back as written)
         for column in PATH_COLUMNS:
+            if frame is None or column not in frame:
+                continue
             first_row = {}  # each distinct path is checked once: a table repeats few paths many times
-            for index, row in enumerate(rows):
-                if row.get(column):
-                    first_row.setdefault(row[column], index)
+            for index, value in enumerate(frame[column]):
+                if isinstance(value, str) and value:
+                    first_row.setdefault(value, index)
             for value, index in first_row.items():
                 inside(run_dir, value, f"{name}: {table}: {column}[{index}]", "the zip")
-    for source, study in RunFolder(run_dir).stored_studies().items():
+    for source, study in run.stored_studies().items():
         for index, ref in enumerate(reference_images(study)):
             inside(run_dir, ref, f"{name}: {source}: subject.reference_images[{index}]", "the zip")
 
