@@ -50,22 +50,34 @@ class CellResult:
         }
 
 
-def source_key(study: Study, cell: Cell, *, device: str, base_identity: dict) -> str:
-    """Hash of everything that determines a cell's image: the cache key of its PNG."""
+def source_key(study: Study, cell: Cell, *, device: str, base_identity: dict, identities: dict | None = None) -> str:
+    """Hash of everything that determines a cell's image: the cache key of its PNG.
+
+    `identities` (from `study_identities`) saves hashing the same weight files again for every cell.
+    """
+    identities = identities or study_identities(study)
     method = study.methods[cell.method_index].method
     neutral = is_neutral(method, cell.weight)  # neutral cells all share the baseline's key
     uses_references = method.uses_references and not neutral
     payload = {
         "v": 1,
         "base": base_identity,
-        "loras": [[source_identity(l.source), l.weight] for l in study.loras],
-        "method": NEUTRAL_IDENTITY if neutral else method.identity(),
-        "references": [sha256_file(p) for p in study.subject.reference_images] if uses_references else None,
+        "loras": identities["loras"],
+        "method": NEUTRAL_IDENTITY if neutral else identities["methods"][cell.method_index],
+        "references": identities["references"] if uses_references else None,
         "prompt": study.render_prompt(cell), "negative_prompt": study.negative_prompt,
         "weight": 0.0 if neutral else cell.weight, "seed": cell.seed, "steps": study.steps, "guidance": study.guidance,
         "size": list(study.size), "scheduler": study.scheduler, "dtype": study.dtype, "device": device,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def study_identities(study: Study) -> dict:
+    """What identifies the study's weight files and references, the same for every cell of it."""
+    uses_references = any(spec.method.uses_references for spec in study.methods)
+    return {"loras": [[source_identity(l.source), l.weight] for l in study.loras],
+            "methods": [spec.method.identity() for spec in study.methods],
+            "references": [sha256_file(p) for p in study.subject.reference_images] if uses_references else None}
 
 
 def images_by_key(run_dir: Path) -> dict[str, list[Path]]:
@@ -96,8 +108,9 @@ class CellCache:
                  truncated: frozenset[Cell] = frozenset()):
         self.study, self.run_dir, self.truncated = study, Path(run_dir), truncated
         self.cells = study.cells()
-        self.keys = {cell: source_key(study, cell, device=device_type, base_identity=base_identity)
-                     for cell in self.cells}
+        identities = study_identities(study)
+        self.keys = {cell: source_key(study, cell, device=device_type, base_identity=base_identity,
+                                      identities=identities) for cell in self.cells}
         self.twins: dict[Cell, list[Cell]] = {}  # a cell to generate -> the missing cells with its key
 
     def path(self, cell: Cell) -> Path:
