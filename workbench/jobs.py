@@ -208,17 +208,12 @@ def is_sdxl(study: Study) -> bool:
     return "xl" in study.base.lower()
 
 
-def count_cells(study: Study) -> int:
-    """Images in the study's grid: methods' weights x prompts x seeds."""
-    return len(study.cells())
-
-
 def gpu_seconds(study: Study, run_dir: str = "", score: bool = True, tick: float = 0.25, job: str = "") -> int:
     """ZeroGPU duration for one grid (`job_events`' arguments): model load, then per image ~ steps x pixels (SDXL ~2.5x)."""
     height, width = study.size
     per_image = study.steps * 0.06 * height * width / 512**2 * (2.5 if is_sdxl(study) else 1.0)
     per_image += 0.05 if score else 0.0
-    return int(min(GPU_MAX_SECONDS, 30 + 10 * len(study.methods) + count_cells(study) * per_image))
+    return int(min(GPU_MAX_SECONDS, 30 + 10 * len(study.methods) + len(study.cells()) * per_image))
 
 
 def on_gpu(fn):

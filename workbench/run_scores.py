@@ -223,7 +223,7 @@ class RunScores:
         records = [self._record(result) for result in results]
         todo = list({r.key: (i, r) for i, r in enumerate(results) if r.key not in self.embeddings}.values())
         if todo:
-            pictures = [images[i] if images is not None else Image.open(r.image_path).convert("RGB") for i, r in todo]
+            pictures = [images[i] if images is not None else load_image(r.image_path, "cells.csv: image") for i, r in todo]
             embedded = self.scorer.embed_images(pictures, [records[i]["prompt"] for i, _ in todo])
             for row, (_, result) in enumerate(todo):
                 self.embeddings[result.key] = {kind: rows[row].cpu() for kind, rows in embedded.items()}

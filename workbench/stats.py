@@ -101,7 +101,7 @@ def mean_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float,
 def baseline_methods(frame: pd.DataFrame) -> list[str]:
     """Labels of the methods of kind "baseline" in a score table or summary, in order.
 
-    Tables without a `kind` column (written before it existed, or by `Scorer.score_frame`) fall
+    Tables without a `kind` column (written before it existed) fall
     back to the label "baseline"."""
     if "kind" in frame.columns:
         rows = frame[frame["kind"] == "baseline"]

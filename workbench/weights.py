@@ -191,16 +191,21 @@ def sha256_file(path: str | os.PathLike) -> str:
     return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-def tree_sha256(root: str | os.PathLike) -> str:
-    """sha256 over every file under `root` (relative names and contents; hidden folders skipped)."""
+def _outside_hidden_folders(relative: Path) -> bool:
+    return not any(part.startswith(".") for part in relative.parts[:-1])
+
+
+def tree_sha256(root: str | os.PathLike, keep=_outside_hidden_folders) -> str:
+    """sha256 over the files under `root` that `keep(relative path)` accepts: their names and contents.
+
+    By default every file outside hidden folders."""
     root = Path(root)
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts[:-1]):
-            continue
-        digest.update(relative.as_posix().encode())
-        digest.update(sha256_file(path).encode())
+        if keep(relative):
+            digest.update(relative.as_posix().encode())
+            digest.update(sha256_file(path).encode())
     return digest.hexdigest()
 
 
@@ -208,13 +213,12 @@ def source_identity(source: WeightSource) -> dict:
     """What identifies the bytes behind a source: sha256 for local files, id@revision for hub ones."""
     if source.is_local:
         root = Path(source.repo)
-        files = [source.local_file] if source.local_file else sorted(
-            p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt"))
-        digest = hashlib.sha256()
-        for path in files:
-            digest.update(str(path.relative_to(root) if root.is_dir() else path.name).encode())
-            digest.update(sha256_file(path).encode())
-        return {"local": str(root), "file": source.filename, "sha256": digest.hexdigest()}
+        if source.local_file:
+            name = source.local_file.relative_to(root) if root.is_dir() else Path(source.local_file.name)
+            digest = hashlib.sha256(name.as_posix().encode() + sha256_file(source.local_file).encode()).hexdigest()
+        else:  # a weight folder: the files a loader reads
+            digest = tree_sha256(root, keep=lambda relative: relative.suffix in (".safetensors", ".json", ".txt"))
+        return {"local": str(root), "file": source.filename, "sha256": digest}
     return {"hub": source.repo, "file": source.filename, "revision": resolved_revision(source)}
 
 
